@@ -1,0 +1,155 @@
+"""Callbacks that drive pruning in `fit` and log it to TensorBoard."""
+
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+from kprune.wrapper import collect_pruned_layers
+
+
+def pruning_stats(model) -> dict:
+    """Reads the masks and thresholds of every pruned weight of `model`.
+
+    Args:
+        model: A model (or layer) containing `PruneLowMagnitude` layers.
+
+    Returns:
+        A dict with `"weights"`: a list of dicts (`path`, `size`, `zeros`,
+        `sparsity`, `threshold`) per pruned weight, and `"sparsity"`: the
+        fraction of zeros over all pruned weights together (0.0 if none).
+    """
+    rows = []
+    for layer in collect_pruned_layers(model):
+        for weight, mask, threshold in layer.pruning_vars:
+            kept = int(np.count_nonzero(ops.convert_to_numpy(mask)))
+            size = int(np.prod(weight.shape))
+            rows.append(
+                {
+                    "path": weight.path,
+                    "size": size,
+                    "zeros": size - kept,
+                    "sparsity": (size - kept) / size,
+                    "threshold": float(ops.convert_to_numpy(threshold)),
+                }
+            )
+    total = sum(r["size"] for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    return {"weights": rows, "sparsity": zeros / total if total else 0.0}
+
+
+class UpdatePruningStep(keras.callbacks.Callback):
+    """Drives the pruning schedule; required when training a pruned model.
+
+    At the start of training it readies every pruned layer (a new layer's
+    step goes from -1 to 0, a loaded one continues from its saved step).
+    The step then advances inside the compiled training step, once per
+    optimizer update, so the first batch of training is step 1. At the end
+    of each epoch it adds the model's current sparsity to the logs as
+    `"sparsity"` (shown by the progress bar and kept in `History`).
+
+    Training a pruned model without it fails at the first step with an
+    error that says to add it.
+
+    In a custom training loop, call `set_model(model)` and
+    `on_train_begin()` once before the first step; the optimizer's
+    `apply`/`apply_gradients` then advances the step and updates masks.
+    The other hooks (`on_train_batch_begin`, `on_epoch_end`) may be called
+    as in `tfmot` code but are not needed.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=2, callbacks=[kprune.UpdatePruningStep()])
+    ```
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.prunable_layers = []
+
+    def on_train_begin(self, logs=None):
+        self.prunable_layers = collect_pruned_layers(self.model)
+        for layer in self.prunable_layers:
+            if not layer.built:
+                continue
+            if int(ops.convert_to_numpy(layer.pruning_step)) < 0:
+                layer.pruning_step.assign(0)
+            layer._step_driven = True
+
+    def on_train_end(self, logs=None):
+        for layer in self.prunable_layers:
+            layer._step_driven = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.prunable_layers:
+            logs["sparsity"] = pruning_stats(self.model)["sparsity"]
+
+
+class PruningSummaries(keras.callbacks.TensorBoard):
+    """TensorBoard callback that also logs pruning progress.
+
+    Besides everything `keras.callbacks.TensorBoard` writes, it logs to the
+    `train` run, as scalars at the current pruning step:
+    `<weight path>/sparsity` and `<weight path>/threshold` for each pruned
+    weight, and `model_sparsity` for all pruned weights together. It logs
+    at the end of each epoch and, when `update_freq` is an integer, every
+    `update_freq` batches. Needs TensorFlow (for `tf.summary`).
+
+    Args:
+        log_dir: Directory for the event files.
+        update_freq: `"epoch"`, or log every this many batches.
+        **kwargs: Passed to `keras.callbacks.TensorBoard`.
+
+    Example:
+
+    ```python
+    model.fit(
+        x, y, callbacks=[
+            kprune.UpdatePruningStep(),
+            kprune.PruningSummaries(log_dir="logs"),
+        ],
+    )
+    ```
+    """
+
+    def __init__(self, log_dir, update_freq="epoch", **kwargs):
+        super().__init__(log_dir=log_dir, update_freq=update_freq, **kwargs)
+        self._pruning_writer = None
+
+    def _write_pruning_summaries(self):
+        import tensorflow as tf
+
+        layers = collect_pruned_layers(self.model)
+        if not layers:
+            return
+        if self._pruning_writer is None:
+            self._pruning_writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "train")
+            )
+        step = int(ops.convert_to_numpy(layers[0].pruning_step))
+        stats = pruning_stats(self.model)
+        with self._pruning_writer.as_default(step=step):
+            for row in stats["weights"]:
+                tf.summary.scalar(f"{row['path']}/sparsity", row["sparsity"])
+                tf.summary.scalar(f"{row['path']}/threshold", row["threshold"])
+            tf.summary.scalar("model_sparsity", stats["sparsity"])
+        self._pruning_writer.flush()
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if isinstance(self.update_freq, int) and (
+            (batch + 1) % self.update_freq == 0
+        ):
+            self._write_pruning_summaries()
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self._write_pruning_summaries()
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if self._pruning_writer is not None:
+            self._pruning_writer.close()
+            self._pruning_writer = None

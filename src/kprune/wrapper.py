@@ -1,0 +1,351 @@
+"""`PruneLowMagnitude`: the layer wrapper that holds masks and prunes.
+
+How pruning runs inside training: each pruned weight gets a constraint,
+which Keras optimizers apply right after every update. The constraint
+advances the layer's step, recomputes the mask when the schedule says so,
+and multiplies the weight by its mask. So masks change inside the compiled
+training step (no host round trip), and pruned weights are exactly zero
+after every optimizer update, which is when callbacks and checkpoints see
+them. The forward pass is the wrapped layer's own, with no extra work.
+"""
+
+import keras
+from keras import ops
+
+from kprune import masking
+from kprune import registry
+from kprune.schedules import ConstantSparsity
+from kprune.schedules import PruningSchedule
+
+# tfmot's default; schedules are immutable, so one instance is shared.
+DEFAULT_SCHEDULE = ConstantSparsity(0.5, 0)
+
+MISSING_CALLBACK_MESSAGE = (
+    "Pruned layer {name!r} is being trained without the "
+    "`kprune.UpdatePruningStep` callback, which drives the pruning "
+    "schedule. Add it to `fit`: "
+    "`model.fit(..., callbacks=[kprune.UpdatePruningStep()])`, after "
+    "calling `model.compile(...)` again (Keras cannot re-trace a training "
+    "step whose first trace failed). No weight was changed. In a custom "
+    "training loop, create the callback and call `callback.set_model(model)` "
+    "and `callback.on_train_begin()` once before the first step."
+)
+
+
+def validate_pruning_args(block_size, block_pooling_type, sparsity_m_by_n):
+    """Checks the pruning pattern arguments and returns them normalized.
+
+    Returns:
+        `(block_size, block_pooling_type, sparsity_m_by_n)` as
+        `(tuple, str, tuple or None)`.
+
+    Raises:
+        ValueError: If an argument is malformed or the combination is
+            unsupported.
+    """
+    try:
+        block = tuple(block_size)
+    except TypeError:
+        block = None
+    if (
+        block is None
+        or len(block) != 2
+        or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in block
+        )
+        or min(block) < 1
+    ):
+        raise ValueError(
+            "Argument `block_size` must be a tuple of 2 integers >= 1, such "
+            f"as (1, 1) or (4, 1). Received: block_size={block_size!r}"
+        )
+    if block_pooling_type not in ("AVG", "MAX"):
+        raise ValueError(
+            'Argument `block_pooling_type` must be "AVG" or "MAX". '
+            f"Received: block_pooling_type={block_pooling_type!r}"
+        )
+    m_by_n = None
+    if sparsity_m_by_n is not None:
+        try:
+            m_by_n = tuple(sparsity_m_by_n)
+        except TypeError:
+            m_by_n = ()
+        if (
+            len(m_by_n) != 2
+            or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in m_by_n
+            )
+            or not 0 < m_by_n[0] < m_by_n[1]
+        ):
+            raise ValueError(
+                "Argument `sparsity_m_by_n` must be a tuple (m, n) of "
+                "integers with 0 < m < n: m zeros in every n consecutive "
+                f"weights, such as (2, 4). Received: "
+                f"sparsity_m_by_n={sparsity_m_by_n!r}"
+            )
+        if block != (1, 1):
+            raise ValueError(
+                "Arguments `sparsity_m_by_n` and `block_size` cannot be "
+                "combined: choose N:M sparsity or block sparsity. Received: "
+                f"sparsity_m_by_n={sparsity_m_by_n!r}, "
+                f"block_size={block_size!r}"
+            )
+    return block, block_pooling_type, m_by_n
+
+
+def validate_schedule(pruning_schedule):
+    if not isinstance(pruning_schedule, PruningSchedule):
+        raise ValueError(
+            "Argument `pruning_schedule` must be a `kprune.PruningSchedule` "
+            "such as `kprune.ConstantSparsity(0.5, begin_step=0)`. "
+            f"Received: pruning_schedule={pruning_schedule!r}"
+        )
+
+
+class _PruningConstraint:
+    """Applied by the optimizer to a pruned weight after each update."""
+
+    def __init__(self, wrapper, index, original, advances_step):
+        self.wrapper = wrapper
+        self.index = index
+        self.original = original
+        self.advances_step = advances_step
+
+    def __call__(self, weight):
+        wrapper = self.wrapper
+        if not wrapper._step_driven:
+            raise RuntimeError(
+                MISSING_CALLBACK_MESSAGE.format(name=wrapper.name)
+            )
+        if self.original is not None:
+            weight = self.original(weight)
+        weight = ops.convert_to_tensor(weight)
+        if self.advances_step:
+            wrapper.pruning_step.assign(wrapper.pruning_step + 1)
+        _, mask_var, threshold_var = wrapper.pruning_vars[self.index]
+        should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
+
+        def update():
+            return masking.compute_mask(
+                weight,
+                sparsity,
+                block_size=wrapper.block_size,
+                pooling_type=wrapper.block_pooling_type,
+                m_by_n=wrapper.sparsity_m_by_n,
+            )
+
+        def keep():
+            return (
+                ops.convert_to_tensor(mask_var),
+                ops.convert_to_tensor(threshold_var),
+            )
+
+        mask, threshold = ops.cond(should_prune, update, keep)
+        mask_var.assign(mask)
+        threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
+        return weight * ops.cast(mask, weight.dtype)
+
+
+@keras.saving.register_keras_serializable(package="kprune")
+class PruneLowMagnitude(keras.layers.Wrapper):
+    """Wraps a layer so that its weights are pruned by magnitude in training.
+
+    For each pruned weight the wrapper holds a boolean mask (1 byte per
+    weight) and the last threshold, plus one `pruning_step` counter. Use
+    `kprune.prune_low_magnitude` rather than this class directly; the
+    arguments are the same.
+
+    Args:
+        layer: The Keras layer to prune.
+        pruning_schedule: A `kprune.PruningSchedule`.
+        block_size: `(height, width)` of blocks pruned together, for rank-2
+            weights; `(1, 1)` prunes single weights.
+        block_pooling_type: `"AVG"` or `"MAX"`: how a block is scored.
+        sparsity_m_by_n: `None`, or `(m, n)`: `m` zeros in every `n`
+            consecutive input channels.
+        **kwargs: Passed to `keras.layers.Layer`, such as `name`.
+
+    Raises:
+        ValueError: If an argument is invalid, or if the layer's weights do
+            not suit the pattern (block sparsity needs rank-2 weights, N:M
+            needs rank >= 2).
+    """
+
+    def __init__(
+        self,
+        layer,
+        pruning_schedule=DEFAULT_SCHEDULE,
+        block_size=(1, 1),
+        block_pooling_type="AVG",
+        sparsity_m_by_n=None,
+        **kwargs,
+    ):
+        if not isinstance(layer, keras.layers.Layer):
+            raise ValueError(
+                "Argument `layer` must be a `keras.layers.Layer`. "
+                f"Received: layer={layer!r}"
+            )
+        validate_schedule(pruning_schedule)
+        block_size, block_pooling_type, sparsity_m_by_n = validate_pruning_args(
+            block_size, block_pooling_type, sparsity_m_by_n
+        )
+        if not registry.is_prunable(layer):
+            raise registry.unsupported_layer_error(layer)
+        if layer.built:
+            self._check_weights(
+                layer,
+                registry.get_prunable_weights(layer),
+                block_size,
+                sparsity_m_by_n,
+            )
+        kwargs.setdefault("name", f"prune_low_magnitude_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.pruning_schedule = pruning_schedule
+        self.block_size = block_size
+        self.block_pooling_type = block_pooling_type
+        self.sparsity_m_by_n = sparsity_m_by_n
+        self.pruning_vars = []
+        # Set by `UpdatePruningStep`; checked when training starts.
+        self._step_driven = False
+
+    @staticmethod
+    def _check_weights(layer, weights, block_size, sparsity_m_by_n):
+        if not weights:
+            raise ValueError(
+                f"Layer {layer.name!r} has no weights to prune: "
+                "`get_prunable_weights()` returned an empty list."
+            )
+        for weight in weights:
+            rank = len(weight.shape)
+            if block_size != (1, 1) and rank != 2:
+                raise ValueError(
+                    f"Block sparsity needs rank-2 weights, but weight "
+                    f"{weight.path!r} of layer {layer.name!r} has shape "
+                    f"{tuple(weight.shape)}. Use block_size=(1, 1) for this "
+                    "layer."
+                )
+            if sparsity_m_by_n is not None and rank < 2:
+                raise ValueError(
+                    f"N:M sparsity needs weights of rank >= 2 (it groups "
+                    f"input channels), but weight {weight.path!r} of layer "
+                    f"{layer.name!r} has shape {tuple(weight.shape)}."
+                )
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        weights = registry.get_prunable_weights(self.layer)
+        self._check_weights(
+            self.layer, weights, self.block_size, self.sparsity_m_by_n
+        )
+        pruning_vars = []
+        for weight in weights:
+            mask = self.add_weight(
+                name=f"{weight.name}_mask",
+                shape=weight.shape,
+                dtype="bool",
+                initializer="ones",
+                trainable=False,
+            )
+            threshold = self.add_weight(
+                name=f"{weight.name}_threshold",
+                shape=(),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+            )
+            pruning_vars.append((weight, mask, threshold))
+        self.pruning_step = self.add_weight(
+            name="pruning_step",
+            shape=(),
+            dtype="int64",
+            initializer=keras.initializers.Constant(-1),
+            trainable=False,
+        )
+        self.pruning_vars = pruning_vars
+        self._install_constraints()
+
+    def _install_constraints(self):
+        # The optimizer visits variables in the layer's trainable order; the
+        # first pruned weight in that order advances the step, so the step
+        # moves once per update even when the layer is called several times.
+        trainable = [id(v) for v in self.layer.trainable_weights]
+        order = sorted(
+            (trainable.index(id(w)), i)
+            for i, (w, _, _) in enumerate(self.pruning_vars)
+            if id(w) in trainable
+        )
+        clock = order[0][1] if order else None
+        for i, (weight, _, _) in enumerate(self.pruning_vars):
+            original = weight.constraint
+            if isinstance(original, _PruningConstraint):
+                original = original.original
+            weight.constraint = _PruningConstraint(
+                self, i, original, advances_step=(i == clock)
+            )
+
+    def call(self, inputs, *args, training=None, **kwargs):
+        # Checked when the training step is traced, so a missing callback
+        # stops `fit` before any update, and leaves the model trainable.
+        if training and not self._step_driven:
+            raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
+        # The wrapped layer reads `training` from the call context.
+        return self.layer(inputs, *args, **kwargs)
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return self.layer.compute_output_shape(input_shape, *args, **kwargs)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    def masked_layer_weights(self) -> list:
+        """The wrapped layer's weights as NumPy arrays, with masks applied.
+
+        Returns:
+            A list in the order of `self.layer.weights`, ready for
+            `set_weights` on a plain copy of the layer.
+        """
+        values = [ops.convert_to_numpy(v) for v in self.layer.weights]
+        positions = {id(v): i for i, v in enumerate(self.layer.weights)}
+        for weight, mask, _ in self.pruning_vars:
+            i = positions[id(weight)]
+            values[i] = values[i] * ops.convert_to_numpy(mask).astype(
+                values[i].dtype
+            )
+        return values
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "pruning_schedule": keras.saving.serialize_keras_object(
+                    self.pruning_schedule
+                ),
+                "block_size": list(self.block_size),
+                "block_pooling_type": self.block_pooling_type,
+                "sparsity_m_by_n": (
+                    None
+                    if self.sparsity_m_by_n is None
+                    else list(self.sparsity_m_by_n)
+                ),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["pruning_schedule"] = keras.saving.deserialize_keras_object(
+            config["pruning_schedule"], custom_objects=custom_objects
+        )
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def collect_pruned_layers(model) -> list:
+    """All `PruneLowMagnitude` layers in `model`, nested ones included."""
+    if isinstance(model, PruneLowMagnitude):
+        return [model]
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, PruneLowMagnitude)
+    ]

@@ -1,0 +1,228 @@
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import kprune
+from kprune.wrapper import collect_pruned_layers
+from testing import classification_data
+from testing import compile_classifier
+from testing import fit_pruned
+from testing import mlp
+from testing import small_cnn
+from testing import steps
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def test_prune_layer_wraps_that_layer():
+    dense = layers.Dense(4)
+    wrapped = kprune.prune_low_magnitude(dense)
+    assert isinstance(wrapped, kprune.PruneLowMagnitude)
+    assert wrapped.layer is dense
+    assert wrapped.name == "prune_low_magnitude_" + dense.name
+
+
+def test_prune_list_of_layers_keeps_weightless_layers_untouched():
+    flatten, dense, dropout = (
+        layers.Flatten(),
+        layers.Dense(3),
+        layers.Dropout(0.1),
+    )
+    out = kprune.prune_low_magnitude([flatten, dense, dropout])
+    assert out[0] is flatten and out[2] is dropout
+    assert isinstance(out[1], kprune.PruneLowMagnitude)
+
+
+def test_already_wrapped_layers_are_not_wrapped_twice():
+    wrapped = kprune.prune_low_magnitude(layers.Dense(4))
+    assert kprune.prune_low_magnitude(wrapped) is wrapped
+    model = keras.Sequential([keras.Input((3,)), wrapped, layers.Dense(2)])
+    again = kprune.prune_low_magnitude(model)
+    assert len(collect_pruned_layers(again)) == 2
+    assert all(
+        not isinstance(layer.layer, kprune.PruneLowMagnitude)
+        for layer in collect_pruned_layers(again)
+    )
+
+
+def test_pruned_sequential_starts_from_the_input_model_weights():
+    model = small_cnn()
+    x, _ = classification_data(shape=(8, 8, 1))
+    pruned = kprune.prune_low_magnitude(model)
+    np.testing.assert_allclose(
+        pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    assert len(collect_pruned_layers(pruned)) == 2
+
+
+def test_input_model_is_left_unchanged_by_pruning_and_training():
+    model = mlp()
+    before = weights_of(model)
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(
+            model, kprune.ConstantSparsity(0.9, 0, frequency=1)
+        )
+    )
+    x, y = classification_data()
+    fit_pruned(pruned, x, y, epochs=2)
+    for a, b in zip(before, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+    assert not any(
+        isinstance(layer, kprune.PruneLowMagnitude) for layer in model.layers
+    )
+    assert all(w.constraint is None for w in model.trainable_weights)
+
+
+def test_normalization_layers_stay_dense_in_a_model():
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            layers.Dense(5),
+            layers.BatchNormalization(),
+            layers.Dense(2),
+        ]
+    )
+    pruned = kprune.prune_low_magnitude(model)
+    kinds = [type(layer).__name__ for layer in pruned.layers]
+    assert kinds == [
+        "PruneLowMagnitude",
+        "BatchNormalization",
+        "PruneLowMagnitude",
+    ]
+
+
+def nested_functional_with_shared_layer():
+    inner = keras.Sequential(
+        [keras.Input((6,)), layers.Dense(6, activation="relu")], name="inner"
+    )
+    shared = layers.Dense(6, activation="tanh", name="shared")
+    inputs = keras.Input((6,))
+    x = shared(inputs)
+    x = inner(x)
+    x = shared(x)
+    outputs = layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_functional_model_with_nested_model_and_shared_layer():
+    model = nested_functional_with_shared_layer()
+    x, y = classification_data(shape=(6,))
+    pruned = kprune.prune_low_magnitude(model)
+    np.testing.assert_allclose(
+        pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    names = sorted(layer.layer.name for layer in collect_pruned_layers(pruned))
+    inner_dense = model.get_layer("inner").layers[0].name
+    assert names == sorted([inner_dense, "head", "shared"])
+    assert isinstance(
+        pruned.get_layer("inner").layers[0], kprune.PruneLowMagnitude
+    )
+    shared = [layer for layer in pruned.layers if layer.name.endswith("shared")]
+    assert len(shared) == 1  # one wrapper serves both call sites
+
+
+def test_shared_layer_step_counts_once_per_batch():
+    model = nested_functional_with_shared_layer()
+    x, y = classification_data(n=20, shape=(6,))
+    pruned = compile_classifier(kprune.prune_low_magnitude(model))
+    fit_pruned(pruned, x, y, epochs=2, batch_size=4)
+    assert steps(pruned) == [10, 10, 10]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"block_size": (2,)}, "block_size"),
+        ({"block_size": (0, 2)}, "block_size"),
+        ({"block_pooling_type": "MEAN"}, "block_pooling_type"),
+        ({"sparsity_m_by_n": (4, 4)}, "sparsity_m_by_n"),
+        ({"sparsity_m_by_n": (2, 4), "block_size": (2, 2)}, "cannot be"),
+        ({"pruning_schedule": 0.5}, "pruning_schedule"),
+        ({"block_size": (2, 2)}, "rank-2"),
+    ],
+)
+def test_invalid_arguments_fail_at_the_call_and_change_nothing(kwargs, match):
+    model = small_cnn()
+    before = weights_of(model)
+    with pytest.raises(ValueError, match=match):
+        kprune.prune_low_magnitude(model, **kwargs)
+    for a, b in zip(before, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+    assert all(w.constraint is None for w in model.trainable_weights)
+
+
+def test_n_by_m_on_a_rank_one_weight_is_rejected_at_the_call():
+    class Scale(layers.Layer, kprune.PrunableLayer):
+        def build(self, shape):
+            self.scale = self.add_weight(shape=(shape[-1],))
+
+        def call(self, x):
+            return x * self.scale
+
+        def get_prunable_weights(self):
+            return [self.scale]
+
+    layer = Scale()
+    layer.build((None, 4))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        kprune.prune_low_magnitude(layer, sparsity_m_by_n=(2, 4))
+
+
+def test_unknown_layer_with_weights_names_both_ways_to_prune_it():
+    class Custom(layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1], 2))
+
+        def call(self, x):
+            return x @ self.w
+
+    model = keras.Sequential([keras.Input((3,)), Custom(name="mystery")])
+    with pytest.raises(ValueError) as error:
+        kprune.prune_low_magnitude(model)
+    message = str(error.value)
+    assert "mystery" in message and "PrunableLayer" in message
+    assert "clone_function" in message
+
+
+def test_prunable_layer_and_dense_subclass_are_pruned():
+    class Tied(layers.Dense, kprune.PrunableLayer):
+        def get_prunable_weights(self):
+            return [self.kernel, self.bias]
+
+    class MyDense(layers.Dense):
+        pass
+
+    model = keras.Sequential([keras.Input((4,)), Tied(4), MyDense(2)])
+    pruned = kprune.prune_low_magnitude(model)
+    counts = [len(layer.pruning_vars) for layer in pruned.layers]
+    assert counts == [2, 1]
+
+
+def test_pruning_policy_decides_which_layers_are_pruned():
+    class SkipFirst(kprune.PruningPolicy):
+        def allow_pruning(self, layer):
+            return not isinstance(layer, layers.Conv2D)
+
+        def ensure_model_supports_pruning(self, model):
+            if len(model.layers) < 2:
+                raise ValueError("too small")
+
+    pruned = kprune.prune_low_magnitude(small_cnn(), pruning_policy=SkipFirst())
+    assert [
+        type(layer.layer).__name__ for layer in collect_pruned_layers(pruned)
+    ] == ["Dense"]
+    tiny = keras.Sequential([keras.Input((2,)), layers.Dense(1)])
+    with pytest.raises(ValueError, match="too small"):
+        kprune.prune_low_magnitude(tiny, pruning_policy=SkipFirst())
+    with pytest.raises(ValueError, match="whole models"):
+        kprune.prune_low_magnitude(layers.Dense(2), pruning_policy=SkipFirst())
+
+
+def test_non_layer_input_is_rejected():
+    with pytest.raises(ValueError, match="to_prune"):
+        kprune.prune_low_magnitude("dense")
+    with pytest.raises(ValueError, match="to_prune"):
+        kprune.prune_low_magnitude([layers.Dense(2), 3])

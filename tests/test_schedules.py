@@ -1,0 +1,131 @@
+import keras
+import numpy as np
+import pytest
+
+import kprune
+
+
+def should_prune_reference(step, begin, end, frequency):
+    in_range = step >= begin and (end == -1 or step <= end)
+    return in_range and (step - begin) % frequency == 0
+
+
+def call(schedule, step):
+    should, sparsity = schedule(step)
+    return bool(keras.ops.convert_to_numpy(should)), float(
+        keras.ops.convert_to_numpy(sparsity)
+    )
+
+
+@pytest.mark.parametrize(
+    "begin,end,frequency", [(0, -1, 100), (3, 20, 4), (5, 5, 1), (0, 50, 7)]
+)
+def test_constant_sparsity_prunes_on_schedule_steps(begin, end, frequency):
+    schedule = kprune.ConstantSparsity(0.7, begin, end, frequency)
+    for step in range(0, 130):
+        should, sparsity = call(schedule, step)
+        assert should == should_prune_reference(step, begin, end, frequency)
+        assert sparsity == pytest.approx(0.7)
+
+
+def test_first_batch_is_step_one_so_begin_zero_prunes_at_frequency():
+    schedule = kprune.ConstantSparsity(0.5, begin_step=0, frequency=100)
+    assert not call(schedule, 1)[0]
+    assert call(schedule, 100)[0]
+
+
+@pytest.mark.parametrize("power", [1, 2, 3])
+def test_polynomial_decay_follows_formula(power):
+    schedule = kprune.PolynomialDecay(
+        0.2, 0.9, begin_step=10, end_step=110, power=power, frequency=10
+    )
+    for step in range(0, 150, 5):
+        p = min(max((step - 10) / 100, 0.0), 1.0)
+        expected = 0.9 + (0.2 - 0.9) * (1 - p) ** power
+        should, sparsity = call(schedule, step)
+        assert sparsity == pytest.approx(expected, abs=1e-6)
+        assert should == should_prune_reference(step, 10, 110, 10)
+
+
+def test_polynomial_decay_reaches_final_and_stays():
+    schedule = kprune.PolynomialDecay(0.5, 0.8, 0, 1000)
+    assert call(schedule, 0)[1] == pytest.approx(0.5)
+    assert call(schedule, 1000)[1] == pytest.approx(0.8)
+    assert call(schedule, 5000)[1] == pytest.approx(0.8)
+    assert not call(schedule, 1100)[0]
+
+
+def test_polynomial_decay_with_equal_begin_and_end_jumps_to_final():
+    schedule = kprune.PolynomialDecay(0.1, 0.6, begin_step=7, end_step=7)
+    assert call(schedule, 7) == (True, pytest.approx(0.6))
+
+
+def test_schedules_accept_tensor_steps_in_compiled_functions():
+    import tensorflow as tf
+
+    schedule = kprune.PolynomialDecay(0.0, 0.5, 0, 10, frequency=5)
+    compiled = tf.function(schedule, jit_compile=True)
+    should, sparsity = compiled(tf.constant(10, tf.int64))
+    assert bool(should) and float(sparsity) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "make,argument",
+    [
+        (lambda: kprune.ConstantSparsity(0.5, -1), "begin_step"),
+        (lambda: kprune.ConstantSparsity(0.5, 10, 5), "end_step"),
+        (lambda: kprune.ConstantSparsity(0.5, 0, frequency=0), "frequency"),
+        (lambda: kprune.ConstantSparsity(1.0, 0), "target_sparsity"),
+        (lambda: kprune.ConstantSparsity(-0.1, 0), "target_sparsity"),
+        (lambda: kprune.PolynomialDecay(0.1, 0.5, 0, -1), "end_step"),
+        (lambda: kprune.PolynomialDecay(0.1, 1.2, 0, 10), "final_sparsity"),
+        (lambda: kprune.PolynomialDecay(1.0, 0.5, 0, 10), "initial_sparsity"),
+        (
+            lambda: kprune.PolynomialDecay(0.1, 0.5, 0, 10, frequency=-3),
+            "frequency",
+        ),
+        (lambda: kprune.PolynomialDecay(0.1, 0.5, 0.5, 10), "begin_step"),
+    ],
+)
+def test_invalid_schedule_arguments_name_argument_and_value(make, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`.*Received"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        kprune.ConstantSparsity(0.6, 4, 40, 2),
+        kprune.PolynomialDecay(0.3, 0.85, 2, 90, power=2, frequency=3),
+    ],
+)
+def test_schedules_round_trip_through_keras_serialization(schedule):
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(schedule)
+    )
+    assert type(restored) is type(schedule)
+    assert restored.get_config() == schedule.get_config()
+    assert type(schedule).from_config(schedule.get_config()) == schedule
+    for step in (0, 4, 40, 90):
+        assert call(restored, step) == call(schedule, step)
+
+
+def test_user_schedule_subclass_is_a_pruning_schedule():
+    class EverySecondStep(kprune.PruningSchedule):
+        def __call__(self, step):
+            return (
+                keras.ops.equal(keras.ops.mod(step, 2), 0),
+                keras.ops.convert_to_tensor(0.25, "float32"),
+            )
+
+        def get_config(self):
+            return {}
+
+    schedule = EverySecondStep()
+    assert [call(schedule, s)[0] for s in range(1, 5)] == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert np.isclose(call(schedule, 2)[1], 0.25)

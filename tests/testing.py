@@ -1,0 +1,91 @@
+"""Small models, data and references shared by the tests."""
+
+import keras
+import numpy as np
+from keras import layers
+
+import kprune
+from kprune.wrapper import collect_pruned_layers
+
+
+def mlp(inputs=8, hidden=16, outputs=3):
+    return keras.Sequential(
+        [
+            keras.Input((inputs,)),
+            layers.Dense(hidden, activation="relu"),
+            layers.Dense(outputs),
+        ]
+    )
+
+
+def small_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(3),
+        ]
+    )
+
+
+def classification_data(n=32, shape=(8,), classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    y = rng.integers(0, classes, size=(n,))
+    return x, y
+
+
+def compile_classifier(model, optimizer="adam", **kwargs):
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kwargs,
+    )
+    return model
+
+
+def reference_kept(size, sparsity):
+    """`max(round(size * (1 - s)), 1)` in float32, as the spec says."""
+    dense = np.float32(size) * (np.float32(1.0) - np.float32(sparsity))
+    return max(int(np.round(dense)), 1)
+
+
+def reference_magnitude_mask(weights, sparsity):
+    """Keeps the largest magnitudes; among ties, the lower flat index."""
+    flat = np.abs(weights.astype(np.float32)).ravel()
+    k = reference_kept(flat.size, sparsity)
+    order = np.lexsort((np.arange(flat.size), -flat))
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask.reshape(weights.shape)
+
+
+def pruned_weights(model):
+    """(variable, mask) pairs of every pruned weight, as NumPy arrays."""
+    return [
+        (keras.ops.convert_to_numpy(w), keras.ops.convert_to_numpy(m))
+        for layer in collect_pruned_layers(model)
+        for w, m, _ in layer.pruning_vars
+    ]
+
+
+def steps(model):
+    return [
+        int(keras.ops.convert_to_numpy(layer.pruning_step))
+        for layer in collect_pruned_layers(model)
+    ]
+
+
+def fit_pruned(model, x, y, epochs=1, batch_size=4, callbacks=(), **kwargs):
+    return model.fit(
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=0,
+        shuffle=False,
+        callbacks=[kprune.UpdatePruningStep(), *callbacks],
+        **kwargs,
+    )
