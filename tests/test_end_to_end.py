@@ -103,3 +103,26 @@ def test_example_runs_end_to_end_and_reports_sizes(tmp_path):
     ]
     assert results["pruned_accuracy"] > 0.8
     assert any((out / "logs" / "train").iterdir())
+
+
+def test_example_without_fashion_mnist_says_so_and_uses_digits(
+    monkeypatch, capsys
+):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "prune_example", ROOT / "examples" / "prune_fashion_mnist.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.setattr(example, "DEBIAN_DIR", "/nonexistent/fashion-mnist")
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    source, ((x_train, y_train), (x_test, _)) = example.load_data("auto")
+    assert "digits" in source
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+    assert x_train.shape[1:] == (28, 28) and x_test.shape[1:] == (28, 28)
+    assert set(np.unique(y_train)) == set(range(10))

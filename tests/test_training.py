@@ -277,3 +277,80 @@ def test_each_pruned_layer_owns_its_schedule():
     sparsities = [1 - m.mean() for _, m in pruned_weights(pruned)]
     assert sparsities == [pytest.approx(0.25), pytest.approx(0.75)]
     assert len(collect_pruned_layers(pruned)) == 2
+
+
+def test_tfmot_guide_style_sequential_with_input_shape_on_first_layer():
+    pruned = keras.Sequential(
+        [
+            kprune.prune_low_magnitude(
+                layers.Dense(12, input_shape=(8,)),
+                pruning_schedule=kprune.ConstantSparsity(0.5, 0, frequency=2),
+            ),
+            layers.Flatten(),
+            layers.Dense(3),
+        ]
+    )
+    assert pruned.built
+    compile_classifier(pruned)
+    x, y = classification_data()
+    fit_pruned(pruned, x, y)
+    weight, mask = pruned_weights(pruned)[0]
+    assert mask.sum() == reference_kept(weight.size, 0.5)
+
+
+def test_tf_keras_models_are_keras_3_models_and_prune():
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((8,)),
+            tf.keras.layers.Dense(6),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(
+            model, kprune.ConstantSparsity(0.5, 0, frequency=1)
+        )
+    )
+    x, y = classification_data()
+    fit_pruned(pruned, x, y)
+    assert all(
+        mask.sum() == reference_kept(w.size, 0.5)
+        for w, mask in pruned_weights(pruned)
+    )
+
+
+def test_model_built_lazily_in_fit_is_driven_from_step_one():
+    pruned = keras.Sequential(
+        kprune.prune_low_magnitude(
+            [layers.Dense(6), layers.Dense(3)],
+            pruning_schedule=kprune.ConstantSparsity(0.5, 1, frequency=3),
+        )
+    )
+    assert not pruned.built
+    compile_classifier(pruned)
+    record = RecordAfterEachBatch()
+    x, y = classification_data(n=16)
+    fit_pruned(pruned, x, y, callbacks=[record])
+    assert steps(pruned) == [4, 4]
+    assert [zeros[0] > 0 for zeros in record.zeros] == [True] * 4
+
+
+def test_steps_per_execution_follows_the_schedule_per_step():
+    results = []
+    for per_execution in (1, 4):
+        keras.utils.set_random_seed(3)
+        pruned = compile_classifier(
+            kprune.prune_low_magnitude(
+                mlp(), kprune.PolynomialDecay(0.2, 0.9, 0, 10, frequency=3)
+            ),
+            steps_per_execution=per_execution,
+        )
+        x, y = classification_data(n=40)
+        fit_pruned(pruned, x, y)
+        assert steps(pruned) == [10, 10]
+        results.append(pruned_weights(pruned))
+    for (w1, m1), (w2, m2) in zip(*results):
+        np.testing.assert_array_equal(m1, m2)
+        np.testing.assert_allclose(w1, w2, atol=1e-5)
+        sparsity = float(kprune.PolynomialDecay(0.2, 0.9, 0, 10)(9)[1])
+        assert m1.sum() == reference_kept(m1.size, sparsity)

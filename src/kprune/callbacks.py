@@ -72,11 +72,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.prunable_layers = collect_pruned_layers(self.model)
         for layer in self.prunable_layers:
-            if not layer.built:
-                continue
-            if int(ops.convert_to_numpy(layer.pruning_step)) < 0:
-                layer.pruning_step.assign(0)
             layer._step_driven = True
+            if (
+                layer.built
+                and int(ops.convert_to_numpy(layer.pruning_step)) < 0
+            ):
+                layer.pruning_step.assign(0)
 
     def on_train_end(self, logs=None):
         for layer in self.prunable_layers:

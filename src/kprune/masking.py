@@ -145,8 +145,7 @@ def m_by_n_mask(weights, m_by_n):
     channels_last = ops.moveaxis(magnitudes, -2, -1)
     moved_shape = channels_last.shape
     channels = moved_shape[-1]
-    rows = channels_last
-    rows = ops.reshape(rows, (-1, channels))
+    rows = ops.reshape(channels_last, (-1, channels))
     padding = math.ceil(channels / n) * n - channels
     # Padding scores -1 ranks below every real magnitude, so short groups
     # keep their real entries first.

@@ -43,17 +43,6 @@ def _registered_names(layer):
     return None
 
 
-def has_weights(layer) -> bool:
-    """Whether `layer` has, or will have once built, any weight."""
-    if layer.built:
-        return bool(layer.weights)
-    return (
-        _registered_names(layer) is not None
-        or supports_custom(layer)
-        or isinstance(layer, _NOTHING_TO_PRUNE)
-    )
-
-
 def supports_custom(layer) -> bool:
     """Whether `layer` declares its prunable weights itself."""
     return isinstance(layer, PrunableLayer) or callable(

@@ -121,7 +121,10 @@ class _PruningConstraint:
             weight = self.original(weight)
         weight = ops.convert_to_tensor(weight)
         if self.advances_step:
-            wrapper.pruning_step.assign(wrapper.pruning_step + 1)
+            # -1 (never trained) also becomes 1: the first batch is step 1.
+            wrapper.pruning_step.assign(
+                ops.maximum(wrapper.pruning_step, 0) + 1
+            )
         _, mask_var, threshold_var = wrapper.pruning_vars[self.index]
         should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
 
@@ -207,6 +210,12 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.pruning_vars = []
         # Set by `UpdatePruningStep`; checked when training starts.
         self._step_driven = False
+        # tfmot code writes `Sequential([prune_low_magnitude(Dense(2,
+        # input_shape=...))])`; Sequential reads the legacy input shape from
+        # its first layer, which is now the wrapper.
+        input_shape = getattr(layer, "_input_shape_arg", None)
+        if input_shape is not None and "input_shape" not in kwargs:
+            self._input_shape_arg = input_shape
 
     @staticmethod
     def _check_weights(layer, weights, block_size, sparsity_m_by_n):
