@@ -128,25 +128,25 @@ class _PruningConstraint:
         _, mask_var, threshold_var = wrapper.pruning_vars[self.index]
         should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
 
+        # Masks are written only on pruning steps: on the others the cost
+        # is one masked select of the weight.
         def update():
-            return masking.compute_mask(
+            mask, threshold = masking.compute_mask(
                 weight,
                 sparsity,
                 block_size=wrapper.block_size,
                 pooling_type=wrapper.block_pooling_type,
                 m_by_n=wrapper.sparsity_m_by_n,
             )
+            mask_var.assign(mask)
+            threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
+            return mask
 
         def keep():
-            return (
-                ops.convert_to_tensor(mask_var),
-                ops.convert_to_tensor(threshold_var),
-            )
+            return ops.convert_to_tensor(mask_var)
 
-        mask, threshold = ops.cond(should_prune, update, keep)
-        mask_var.assign(mask)
-        threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
-        return weight * ops.cast(mask, weight.dtype)
+        mask = ops.cond(should_prune, update, keep)
+        return ops.where(mask, weight, ops.zeros((), weight.dtype))
 
 
 @keras.saving.register_keras_serializable(package="kprune")
