@@ -226,3 +226,25 @@ def test_non_layer_input_is_rejected():
         kprune.prune_low_magnitude("dense")
     with pytest.raises(ValueError, match="to_prune"):
         kprune.prune_low_magnitude([layers.Dense(2), 3])
+
+
+def test_tfmot_clone_function_pattern_prunes_only_chosen_layers():
+    def prune_dense_only(layer):
+        if isinstance(layer, layers.Dense):
+            return kprune.prune_low_magnitude(
+                layer, kprune.ConstantSparsity(0.5, 0, frequency=1)
+            )
+        return layer
+
+    model = small_cnn()
+    pruned = keras.models.clone_model(model, clone_function=prune_dense_only)
+    assert [
+        type(layer).__name__ for layer in collect_pruned_layers(pruned)
+    ] == ["PruneLowMagnitude"]
+    compile_classifier(pruned)
+    x, y = classification_data(shape=(8, 8, 1))
+    fit_pruned(pruned, x, y)
+    conv_kernel = pruned.layers[0].kernel.numpy()
+    dense_kernel = collect_pruned_layers(pruned)[0].layer.kernel.numpy()
+    assert (conv_kernel != 0).all()
+    assert (dense_kernel == 0).mean() == pytest.approx(0.5, abs=0.01)

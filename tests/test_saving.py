@@ -114,6 +114,7 @@ def test_strip_pruning_returns_plain_model_with_equal_predictions(tmp_path):
     kernels = [w for w, _ in pruned_weights(pruned)]
     for kernel, layer in zip(kernels, [stripped.layers[0], stripped.layers[3]]):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+    assert not stripped.compiled  # an export holds no optimizer state
     # The pruned model keeps training after stripping.
     fit_pruned(pruned, x, y, epochs=1)
 

@@ -226,7 +226,9 @@ def strip_pruning(model):
     Every `PruneLowMagnitude` wrapper is replaced by a copy of the layer it
     wraps, holding the masked (sparse) weights. The result contains no
     kprune objects: it saves and loads with plain `keras.saving`, and its
-    predictions equal the pruned model's. The pruned model is unchanged.
+    predictions equal the pruned model's. Like `tfmot`'s, it is not
+    compiled, so that a saved export holds no optimizer state; compile it
+    to evaluate it. The pruned model is unchanged.
 
     Args:
         model: A Sequential or functional model, pruned or not.
@@ -264,6 +266,12 @@ def strip_pruning(model):
             new.set_weights(old.masked_layer_weights())
         elif old.weights:
             new.set_weights(old.get_weights())
+    if stripped.compiled:
+        # `clone_model` recompiles the copy with a new optimizer whose
+        # state would be saved with it; an export needs only the weights.
+        plain = stripped.__class__.from_config(stripped.get_config())
+        plain.set_weights(stripped.get_weights())
+        return plain
     return stripped
 
 
