@@ -141,21 +141,23 @@ def test_user_weight_constraints_still_apply():
     )
 
 
+def train_seeded_mlp(schedule, n, **compile_kwargs):
+    """One epoch of a seeded MLP; returns its pruned weights and steps."""
+    keras.utils.set_random_seed(7)
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(mlp(), schedule), **compile_kwargs
+    )
+    x, y = classification_data(n=n)
+    fit_pruned(pruned, x, y, epochs=1)
+    return pruned_weights(pruned), steps(pruned)
+
+
 def test_training_under_xla_matches_graph_mode_masks():
-    results = []
-    for jit in (False, True):
-        keras.utils.set_random_seed(7)
-        pruned = compile_classifier(
-            kprune.prune_low_magnitude(
-                mlp(), kprune.PolynomialDecay(0.3, 0.8, 0, 12, frequency=4)
-            ),
-            jit_compile=jit,
-        )
-        x, y = classification_data(n=48)
-        fit_pruned(pruned, x, y, epochs=1)
-        results.append(pruned_weights(pruned))
-        assert steps(pruned) == [12, 12]
-    for (w1, m1), (w2, m2) in zip(*results):
+    schedule = kprune.PolynomialDecay(0.3, 0.8, 0, 12, frequency=4)
+    graph, graph_steps = train_seeded_mlp(schedule, 48, jit_compile=False)
+    xla, xla_steps = train_seeded_mlp(schedule, 48, jit_compile=True)
+    assert graph_steps == xla_steps == [12, 12]
+    for (w1, m1), (w2, m2) in zip(graph, xla):
         assert m1.sum() == m2.sum() == reference_kept(m1.size, 0.8)
         np.testing.assert_allclose(w1, w2, atol=1e-4)
 
@@ -336,21 +338,12 @@ def test_model_built_lazily_in_fit_is_driven_from_step_one():
 
 
 def test_steps_per_execution_follows_the_schedule_per_step():
-    results = []
-    for per_execution in (1, 4):
-        keras.utils.set_random_seed(3)
-        pruned = compile_classifier(
-            kprune.prune_low_magnitude(
-                mlp(), kprune.PolynomialDecay(0.2, 0.9, 0, 10, frequency=3)
-            ),
-            steps_per_execution=per_execution,
-        )
-        x, y = classification_data(n=40)
-        fit_pruned(pruned, x, y)
-        assert steps(pruned) == [10, 10]
-        results.append(pruned_weights(pruned))
-    for (w1, m1), (w2, m2) in zip(*results):
+    schedule = kprune.PolynomialDecay(0.2, 0.9, 0, 10, frequency=3)
+    one, one_steps = train_seeded_mlp(schedule, 40, steps_per_execution=1)
+    four, four_steps = train_seeded_mlp(schedule, 40, steps_per_execution=4)
+    assert one_steps == four_steps == [10, 10]
+    sparsity = float(schedule(9)[1])  # the last pruning step
+    for (w1, m1), (w2, m2) in zip(one, four):
         np.testing.assert_array_equal(m1, m2)
         np.testing.assert_allclose(w1, w2, atol=1e-5)
-        sparsity = float(kprune.PolynomialDecay(0.2, 0.9, 0, 10)(9)[1])
         assert m1.sum() == reference_kept(m1.size, sparsity)
