@@ -12,6 +12,7 @@ from testing import compile_classifier
 from testing import fit_pruned
 from testing import mlp
 from testing import pruned_weights
+from testing import reference_kept
 from testing import small_cnn
 from testing import steps
 
@@ -161,3 +162,24 @@ def test_stripped_model_loads_without_kprune_installed(tmp_path):
 def test_strip_pruning_rejects_non_models():
     with pytest.raises(ValueError, match="Keras model"):
         kprune.strip_pruning(keras.layers.Dense(3))
+
+
+def test_pruned_and_stripped_zeros_are_positive_zeros():
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(
+            mlp(), kprune.ConstantSparsity(0.8, 0, frequency=2)
+        )
+    )
+    x, y = classification_data()
+    fit_pruned(pruned, x, y)
+    for model in (pruned, kprune.strip_pruning(pruned)):
+        for weight in model.get_weights():
+            assert not np.signbit(weight[weight == 0]).any()
+    # Stripping applies the masks itself, also to weights set by hand.
+    kernel = collect_pruned_layers(pruned)[0].layer.kernel
+    kernel.assign(-np.ones(kernel.shape, "float32"))
+    stripped_kernel = kprune.strip_pruning(pruned).get_weights()[0]
+    zeros = stripped_kernel[stripped_kernel == 0]
+    size = stripped_kernel.size
+    assert zeros.size == size - reference_kept(size, 0.8)
+    assert not np.signbit(zeros).any()  # -0.0 zips worse than 0.0

@@ -10,6 +10,7 @@ them. The forward pass is the wrapped layer's own, with no extra work.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from kprune import masking
@@ -317,8 +318,12 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         positions = {id(v): i for i, v in enumerate(self.layer.weights)}
         for weight, mask, _ in self.pruning_vars:
             i = positions[id(weight)]
-            values[i] = values[i] * ops.convert_to_numpy(mask).astype(
-                values[i].dtype
+            # A select, not a product: `-w * 0` is -0.0, which compresses
+            # worse than 0.0.
+            values[i] = np.where(
+                ops.convert_to_numpy(mask),
+                values[i],
+                np.zeros((), values[i].dtype),
             )
         return values
 
