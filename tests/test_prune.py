@@ -248,3 +248,20 @@ def test_tfmot_clone_function_pattern_prunes_only_chosen_layers():
     dense_kernel = collect_pruned_layers(pruned)[0].layer.kernel.numpy()
     assert (conv_kernel != 0).all()
     assert (dense_kernel == 0).mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_subclassed_model_gets_a_clear_error_and_stays_unchanged():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net(np.zeros((1, 4), "float32"))
+    for function in (kprune.prune_low_magnitude, kprune.strip_pruning):
+        with pytest.raises(ValueError, match="subclassed model"):
+            function(net)
+    assert net.dense.kernel.constraint is None

@@ -347,3 +347,26 @@ def test_steps_per_execution_follows_the_schedule_per_step():
         np.testing.assert_array_equal(m1, m2)
         np.testing.assert_allclose(w1, w2, atol=1e-5)
         assert m1.sum() == reference_kept(m1.size, sparsity)
+
+
+def test_layers_wrapped_inside_a_subclassed_model_are_driven():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = kprune.prune_low_magnitude(
+                layers.Dense(16, activation="relu"),
+                pruning_schedule=kprune.ConstantSparsity(0.75, 0, frequency=2),
+            )
+            self.head = layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.hidden(x))
+
+    net = compile_classifier(Net())
+    x, y = classification_data()
+    fit_pruned(net, x, y)
+    assert steps(net) == [8]
+    kernel = net.hidden.layer.kernel.numpy()
+    assert (kernel != 0).sum() == reference_kept(kernel.size, 0.75)
+    sparse = net.hidden.masked_layer_weights()[0]
+    np.testing.assert_array_equal(sparse, kernel)

@@ -16,7 +16,7 @@ def _is_model(obj) -> bool:
     return isinstance(obj, keras.Model)
 
 
-def _clone_graph_model(model, clone_function, what):
+def _clone_graph_model(model, clone_function, what, instead):
     try:
         return keras.models.clone_model(
             model, clone_function=clone_function, recursive=True
@@ -26,10 +26,7 @@ def _clone_graph_model(model, clone_function, what):
             raise
         raise ValueError(
             f"{what} supports Sequential and functional models; "
-            f"{type(model).__name__!r} is a subclassed model. Prune the "
-            "layers inside it instead, by wrapping them with "
-            "`kprune.prune_low_magnitude(layer)` where the model creates "
-            "them."
+            f"{type(model).__name__!r} is a subclassed model. {instead}"
         ) from error
 
 
@@ -109,7 +106,13 @@ def _prune_model(model, params, pruning_policy):
                 params["block_size"],
                 params["sparsity_m_by_n"],
             )
-    pruned = _clone_graph_model(model, clone, "`prune_low_magnitude`")
+    pruned = _clone_graph_model(
+        model,
+        clone,
+        "`prune_low_magnitude`",
+        "Prune the layers inside it instead: wrap them with "
+        "`kprune.prune_low_magnitude(layer)` where the model creates them.",
+    )
     _copy_weights(pairs)
     return pruned
 
@@ -260,7 +263,13 @@ def strip_pruning(model):
         pairs.append((layer, new))
         return new
 
-    stripped = _clone_graph_model(model, clone, "`strip_pruning`")
+    stripped = _clone_graph_model(
+        model,
+        clone,
+        "`strip_pruning`",
+        "Read the sparse weights of each `kprune.PruneLowMagnitude` inside "
+        "it with `layer.masked_layer_weights()`.",
+    )
     for old, new in pairs:
         if isinstance(old, PruneLowMagnitude):
             new.set_weights(old.masked_layer_weights())

@@ -3,10 +3,10 @@
 How pruning runs inside training: each pruned weight gets a constraint,
 which Keras optimizers apply right after every update. The constraint
 advances the layer's step, recomputes the mask when the schedule says so,
-and multiplies the weight by its mask. So masks change inside the compiled
-training step (no host round trip), and pruned weights are exactly zero
-after every optimizer update, which is when callbacks and checkpoints see
-them. The forward pass is the wrapped layer's own, with no extra work.
+and sets the weights outside the mask to zero. So masks change inside the
+compiled training step (no host round trip), and pruned weights are exactly
+zero after every optimizer update, which is when callbacks and checkpoints
+see them. The forward pass is the wrapped layer's own, with no extra work.
 """
 
 import keras
