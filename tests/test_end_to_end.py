@@ -108,20 +108,15 @@ def test_example_runs_end_to_end_and_reports_sizes(tmp_path):
 def test_example_without_fashion_mnist_says_so_and_uses_digits(
     monkeypatch, capsys
 ):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "prune_example", ROOT / "examples" / "prune_fashion_mnist.py"
-    )
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import fashion_mnist
 
     def offline():
         raise OSError("no network")
 
-    monkeypatch.setattr(example, "DEBIAN_DIR", "/nonexistent/fashion-mnist")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", "/nonexistent/fmnist")
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
-    source, ((x_train, y_train), (x_test, _)) = example.load_data("auto")
+    source, ((x_train, y_train), (x_test, _)) = fashion_mnist.load_data("auto")
     assert "digits" in source
     assert "dataset-fashion-mnist" in capsys.readouterr().err
     assert x_train.shape[1:] == (28, 28) and x_test.shape[1:] == (28, 28)
