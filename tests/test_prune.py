@@ -265,3 +265,13 @@ def test_subclassed_model_gets_a_clear_error_and_stays_unchanged():
         with pytest.raises(ValueError, match="subclassed model"):
             function(net)
     assert net.dense.kernel.constraint is None
+
+
+def test_pattern_arguments_apply_only_to_layers_being_wrapped():
+    conv = kprune.prune_low_magnitude(layers.Conv2D(4, 3))
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), conv, layers.Flatten(), layers.Dense(3)]
+    )
+    pruned = kprune.prune_low_magnitude(model, block_size=(2, 1))
+    blocks = [layer.block_size for layer in collect_pruned_layers(pruned)]
+    assert blocks == [(1, 1), (2, 1)]

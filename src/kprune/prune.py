@@ -75,11 +75,21 @@ def _prune_model(model, params, pruning_policy):
     pairs = []
 
     def clone(layer):
+        # Called on each original layer before its copy is built, so a
+        # layer that does not suit the arguments fails the call at once,
+        # and the input model is never touched.
         if isinstance(layer, PruneLowMagnitude):
             new = _fresh_copy(layer)
         elif registry.is_prunable(layer) and (
             pruning_policy is None or pruning_policy.allow_pruning(layer)
         ):
+            if layer.built:
+                PruneLowMagnitude._check_weights(
+                    layer,
+                    registry.get_prunable_weights(layer),
+                    params["block_size"],
+                    params["sparsity_m_by_n"],
+                )
             new = PruneLowMagnitude(_fresh_copy(layer), **params)
         elif (
             registry.has_nothing_to_prune(layer)
@@ -92,20 +102,6 @@ def _prune_model(model, params, pruning_policy):
         pairs.append((layer, new))
         return new
 
-    # Validate every layer before building anything, so that a bad argument
-    # fails fast and names the layer.
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, PruneLowMagnitude) or not registry.is_prunable(
-            layer
-        ):
-            continue
-        if layer.built:
-            PruneLowMagnitude._check_weights(
-                layer,
-                registry.get_prunable_weights(layer),
-                params["block_size"],
-                params["sparsity_m_by_n"],
-            )
     pruned = _clone_graph_model(
         model,
         clone,
