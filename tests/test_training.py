@@ -370,3 +370,26 @@ def test_layers_wrapped_inside_a_subclassed_model_are_driven():
     assert (kernel != 0).sum() == reference_kept(kernel.size, 0.75)
     sparse = net.hidden.masked_layer_weights()[0]
     np.testing.assert_array_equal(sparse, kernel)
+
+
+def test_m_by_n_groups_input_channels_of_transposed_convolutions():
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 8)),
+            layers.Conv2DTranspose(3, 2),
+            layers.Flatten(),
+            layers.Dense(2),
+        ]
+    )
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(
+            model,
+            kprune.ConstantSparsity(0.5, 0, frequency=1),
+            sparsity_m_by_n=(2, 4),
+        )
+    )
+    x, y = classification_data(shape=(4, 4, 8), classes=2)
+    fit_pruned(pruned, x, y)
+    kernel, _ = pruned_weights(pruned)[0]  # (2, 2, 3 filters, 8 inputs)
+    groups = kernel.reshape(2, 2, 3, 2, 4)
+    assert ((groups != 0).sum(axis=-1) == 2).all()

@@ -123,11 +123,12 @@ def block_mask(weights, sparsity, block_size, pooling_type="AVG"):
     return keep[:rows, :cols], threshold
 
 
-def m_by_n_mask(weights, m_by_n):
+def m_by_n_mask(weights, m_by_n, axis=-2):
     """N:M mask: `m` zeros in every `n` consecutive input channels.
 
-    Groups run along the input-channel axis (axis -2 of Dense and Conv
-    kernels, the last axis in TFLite's layout). In each group the `n - m`
+    Groups run along the input-channel axis (`axis`: -2 for Dense and Conv
+    kernels, -1 for transposed convolutions; the last axis in TFLite's
+    layout). In each group the `n - m`
     entries of largest magnitude are kept (ties towards the lower index). A
     trailing group shorter than `n`, when the channel count is not a
     multiple of `n`, keeps `min(n - m, its length)` entries.
@@ -135,6 +136,7 @@ def m_by_n_mask(weights, m_by_n):
     Args:
         weights: Float tensor of rank >= 2.
         m_by_n: `(m, n)` with `0 < m < n`.
+        axis: The input-channel axis of `weights`.
 
     Returns:
         A tuple `(mask, threshold)`: boolean mask of `weights.shape` and the
@@ -142,7 +144,7 @@ def m_by_n_mask(weights, m_by_n):
     """
     m, n = m_by_n
     magnitudes = ops.abs(ops.cast(weights, "float32"))
-    channels_last = ops.moveaxis(magnitudes, -2, -1)
+    channels_last = ops.moveaxis(magnitudes, axis, -1)
     moved_shape = channels_last.shape
     channels = moved_shape[-1]
     rows = ops.reshape(channels_last, (-1, channels))
@@ -154,13 +156,18 @@ def m_by_n_mask(weights, m_by_n):
     _, kept = ops.top_k(groups, n - m, sorted=False)
     keep = ops.any(ops.one_hot(kept, n, dtype="int32") > 0, axis=-2)
     keep = ops.reshape(keep, (rows.shape[0], -1))[:, :channels]
-    keep = ops.moveaxis(ops.reshape(keep, moved_shape), -1, -2)
+    keep = ops.moveaxis(ops.reshape(keep, moved_shape), -1, axis)
     threshold = ops.min(ops.where(keep, magnitudes, float("inf")))
     return keep, threshold
 
 
 def compute_mask(
-    weights, sparsity, block_size=(1, 1), pooling_type="AVG", m_by_n=None
+    weights,
+    sparsity,
+    block_size=(1, 1),
+    pooling_type="AVG",
+    m_by_n=None,
+    m_by_n_axis=-2,
 ):
     """Dispatches to the N:M, block or unstructured mask.
 
@@ -172,12 +179,13 @@ def compute_mask(
             for rank-2 weights.
         pooling_type: `"AVG"` or `"MAX"`, for blocks.
         m_by_n: `None`, or `(m, n)` for N:M sparsity.
+        m_by_n_axis: The input-channel axis, for N:M.
 
     Returns:
         A tuple `(mask, threshold)`.
     """
     if m_by_n is not None:
-        return m_by_n_mask(weights, m_by_n)
+        return m_by_n_mask(weights, m_by_n, m_by_n_axis)
     if tuple(block_size) != (1, 1):
         return block_mask(weights, sparsity, block_size, pooling_type)
     return magnitude_mask(weights, sparsity)

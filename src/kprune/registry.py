@@ -36,6 +36,20 @@ _NOTHING_TO_PRUNE = (
 )
 
 
+# Transposed convolutions store kernels as (..., filters, input channels).
+_INPUT_CHANNELS_LAST = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+
+
+def input_channel_axis(layer) -> int:
+    """The input-channel axis of `layer`'s kernels, along which N:M groups
+    run: -2 for Dense and Conv kernels, -1 for transposed convolutions."""
+    return -1 if isinstance(layer, _INPUT_CHANNELS_LAST) else -2
+
+
 def _registered_names(layer):
     for cls in type(layer).__mro__:
         if cls in _PRUNABLE_WEIGHTS:

@@ -138,6 +138,7 @@ class _PruningConstraint:
                 block_size=wrapper.block_size,
                 pooling_type=wrapper.block_pooling_type,
                 m_by_n=wrapper.sparsity_m_by_n,
+                m_by_n_axis=registry.input_channel_axis(wrapper.layer),
             )
             mask_var.assign(mask)
             threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
