@@ -183,3 +183,25 @@ def test_pruned_and_stripped_zeros_are_positive_zeros():
     size = stripped_kernel.size
     assert zeros.size == size - reference_kept(size, 0.8)
     assert not np.signbit(zeros).any()  # -0.0 zips worse than 0.0
+
+
+def test_legacy_h5_round_trip_with_prune_scope_as_in_tfmot_code(tmp_path):
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(
+            mlp(),
+            kprune.ConstantSparsity(0.5, 0, frequency=2),
+            sparsity_m_by_n=(2, 4),
+        )
+    )
+    x, y = classification_data()
+    fit_pruned(pruned, x, y)
+    path = str(tmp_path / "pruned.h5")
+    pruned.save(path)
+    with kprune.prune_scope():
+        loaded = keras.models.load_model(path)
+    assert steps(loaded) == [8, 8]
+    assert [
+        layer.sparsity_m_by_n for layer in collect_pruned_layers(loaded)
+    ] == [(2, 4), (2, 4)]
+    for a, b in zip(pruned.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
