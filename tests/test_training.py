@@ -282,10 +282,12 @@ def test_each_pruned_layer_owns_its_schedule():
 
 
 def test_tfmot_guide_style_sequential_with_input_shape_on_first_layer():
+    with pytest.warns(UserWarning, match="input_shape"):  # Keras 3's own
+        first = layers.Dense(12, input_shape=(8,))
     pruned = keras.Sequential(
         [
             kprune.prune_low_magnitude(
-                layers.Dense(12, input_shape=(8,)),
+                first,
                 pruning_schedule=kprune.ConstantSparsity(0.5, 0, frequency=2),
             ),
             layers.Flatten(),
