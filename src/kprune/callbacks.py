@@ -42,10 +42,10 @@ def pruning_stats(model) -> dict:
 class UpdatePruningStep(keras.callbacks.Callback):
     """Drives the pruning schedule; required when training a pruned model.
 
-    At the start of training it readies every pruned layer (a new layer's
-    step goes from -1 to 0, a loaded one continues from its saved step).
-    The step then advances inside the compiled training step, once per
-    optimizer update, so the first batch of training is step 1. At the end
+    At the start of training it readies every pruned layer. The step then
+    advances inside the compiled training step, once per optimizer update:
+    a new layer's step goes from -1 (never trained) to 1 at the first
+    batch, and a loaded one continues from its saved step. At the end
     of each epoch it adds the model's current sparsity to the logs as
     `"sparsity"` (shown by the progress bar and kept in `History`).
 
@@ -73,11 +73,6 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self.prunable_layers = collect_pruned_layers(self.model)
         for layer in self.prunable_layers:
             layer._step_driven = True
-            if (
-                layer.built
-                and int(ops.convert_to_numpy(layer.pruning_step)) < 0
-            ):
-                layer.pruning_step.assign(0)
 
     def on_train_end(self, logs=None):
         for layer in self.prunable_layers:
