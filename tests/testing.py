@@ -2,10 +2,16 @@
 
 import keras
 import numpy as np
+import pytest
 from keras import layers
 
 import kprune
 from kprune.wrapper import collect_pruned_layers
+
+requires_tensorflow = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="needs the TensorFlow backend",
+)
 
 
 def mlp(inputs=8, hidden=16, outputs=3):
