@@ -143,6 +143,8 @@ def _prune_graph_model(model, selection):
         # Called on each original layer before its copy is built, so a
         # layer that does not suit the arguments fails the call at once,
         # and the input model is never touched.
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a stateless operation, such as a `GetItem`
         if isinstance(layer, PruneLowMagnitude):
             new = _fresh_copy(layer)
             pairs.append((layer, new))
@@ -426,6 +428,8 @@ def strip_pruning(model):
     pairs = []
 
     def clone(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            return layer
         new = _fresh_copy(
             layer.layer if isinstance(layer, PruneLowMagnitude) else layer
         )

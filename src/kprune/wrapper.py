@@ -351,6 +351,26 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             self.layer.build_from_config(inner)
         super().build_from_config(config)
 
+    def load_own_variables(self, store):
+        # The variables Keras's own `load_own_variables` assigns, in order.
+        own = self._trainable_variables + self._non_trainable_variables
+        found = [tuple(store[str(i)].shape) for i in range(len(store.keys()))]
+        needed = [tuple(v.shape) for v in own]
+        if found != needed:
+            # Checked before anything is assigned, so this layer is left
+            # as it was.
+            raise ValueError(
+                f"Cannot load the pruning state of layer {self.name!r}: it "
+                f"needs {len(needed)} variables (masks, thresholds, step) of "
+                f"shapes {needed}, and the file holds {len(found)} of shapes "
+                f"{found}. The file was saved from a model that is not "
+                "pruned, pruned differently, or of another architecture. To "
+                "start pruning from a plain model's weights, load them into "
+                "the plain model, then call `kprune.prune_low_magnitude`. "
+                "Nothing was loaded into this layer."
+            )
+        super().load_own_variables(store)
+
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
 
