@@ -22,7 +22,10 @@ TFMOT_NAMES = {
 
 def test_all_lists_the_tfmot_names_and_only_public_names():
     assert TFMOT_NAMES <= set(kprune.__all__)
-    assert set(kprune.__all__) == TFMOT_NAMES | {"PruneLowMagnitude"}
+    assert set(kprune.__all__) == TFMOT_NAMES | {
+        "PruneLowMagnitude",
+        "register_prunable_layer",
+    }
     for name in kprune.__all__:
         assert hasattr(kprune, name)
 
@@ -48,5 +51,6 @@ def test_prune_low_magnitude_keeps_the_tfmot_signature():
         "block_pooling_type",
         "sparsity_m_by_n",
         "pruning_policy",
+        "layers",
         "kwargs",
     ]

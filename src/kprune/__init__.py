@@ -10,6 +10,7 @@ from kprune.prune import prune_low_magnitude
 from kprune.prune import prune_scope
 from kprune.prune import strip_pruning
 from kprune.pruning_policy import PruningPolicy
+from kprune.registry import register_prunable_layer
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
@@ -28,5 +29,6 @@ __all__ = [
     "UpdatePruningStep",
     "prune_low_magnitude",
     "prune_scope",
+    "register_prunable_layer",
     "strip_pruning",
 ]
