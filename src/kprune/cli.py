@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f"kprune {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

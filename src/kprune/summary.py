@@ -7,7 +7,10 @@ from kprune import registry
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import collect_pruned_layers
 
-# Patterns looked for in the weights of stripped models.
+# Patterns looked for in the weights of stripped models, reported only when
+# a weight holds at least this many groups or blocks, so that a small
+# unstructured weight does not match one by chance.
+_MIN_GROUPS = 16
 _N_CANDIDATES = (2, 4, 8, 16)
 _BLOCK_CANDIDATES = ((1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (4, 4), (8, 1))
 
@@ -26,6 +29,8 @@ def _m_by_n_pattern(values, axis):
         if length % n:
             continue
         groups = moved.reshape(-1, n)
+        if len(groups) < _MIN_GROUPS:
+            continue
         m = zeros_total // len(groups)
         if not 0 < m < n or m * len(groups) != zeros_total:
             continue
@@ -43,7 +48,7 @@ def _block_pattern(values):
     found = None
     rows, cols = values.shape
     for bh, bw in _BLOCK_CANDIDATES:
-        if rows % bh or cols % bw:
+        if rows % bh or cols % bw or rows * cols < _MIN_GROUPS * bh * bw:
             continue
         blocks = nonzero.reshape(rows // bh, bh, cols // bw, bw)
         kept = blocks.sum(axis=(1, 3))
