@@ -9,31 +9,39 @@ weights.
 Layout (HDF5 written with h5py, format version 1):
 
 - Root attributes: `kprune_format` = "compact", `kprune_format_version`,
-  `keras_version`, `num_weights`, `quantize` ("none" or "int8").
-- `model_config`: the model's JSON config (gzip-compressed UTF-8 bytes),
-  so that `load_compact` can rebuild the model; absent for models without
-  a config.
-- `weights/00000`, `weights/00001`, ...: one group per entry of
-  `model.weights`, in order, with attributes `path`, `shape`, `dtype`,
-  `encoding` and `crc32` (of the restored array's bytes, checked on load).
-  - `encoding="dense"`: dataset `values`, the tensor as it is.
-  - `encoding="sparse"`: dataset `mask`, one "value stored" bit per entry
-    packed 8 per byte with `np.packbits`, gzip level 9; dataset `values`,
-    the stored values, byte-shuffled and gzip level 9. Both list entries
-    channel by channel: in the C order of `np.moveaxis(w, -1, 0)` for
-    tensors of rank >= 2 (so runs of pruned input features are contiguous
-    and compress better), in C order otherwise. Float tensors store their
-    values bit for bit (a weight is stored when its bit pattern is not all
-    zero, so -0.0 survives).
-  - `encoding="int8"`: like "sparse", but `values` holds int8 codes `q` and
-    dataset `scales` one float32 scale per index of the last axis
-    (the output channels of Dense and convolution kernels):
-    `scale = max|w| / 127` over that channel and `q = round(w / scale)`,
-    so the restored `q * scale` is within `scale / 2` of `w` (up to float32
-    rounding). Weights whose code is 0 are not stored.
+  `keras_version`, `quantize` ("none" or "int8").
+- `model_config`: the model's JSON config, so that `load_compact` can
+  rebuild the model; absent for models without a config.
+- `index`: a JSON list with one entry per entry of `model.weights`, in
+  order: `path`, `shape`, `dtype`, `encoding`, `crc32` (of the restored
+  array's bytes, checked on load) and where its parts lie: `values`
+  (`[dtype name, offset, count]` in dataset `values/<dtype name>`), `mask`
+  (`[offset, bytes]` in `masks`) and `scales` (`[offset, count]` in
+  `scales`). `model_config` and `index` are gzip-compressed UTF-8 bytes.
+- `masks` (uint8), `values/float32`, `values/int8`, ... and `scales`
+  (float32): the parts of all tensors, concatenated, gzip level 9, values
+  byte-shuffled first. Few datasets keep HDF5's metadata small.
+
+Encodings:
+
+- `"dense"`: the tensor's values in C order, as they are.
+- `"sparse"`: one "value stored" bit per entry, packed 8 per byte with
+  `np.packbits`, and the stored values. Both list entries channel by
+  channel: in the C order of `np.moveaxis(w, -1, 0)` for tensors of rank
+  >= 2 (so runs of pruned input features are contiguous and compress
+  better), in C order otherwise. Float tensors with zeros use it; values
+  are kept bit for bit (an entry is stored when its bit pattern is not all
+  zero, so -0.0 survives).
+- `"int8"`: like "sparse", but the values are int8 codes `q`, with one
+  float32 scale per index of the last axis (the output channels of Dense
+  and convolution kernels): `scale = max|w| / 127` over that channel and
+  `q = round(w / scale)`, so the restored `q * scale` is within
+  `scale / 2` of `w` (up to float32 rounding). Entries whose code is 0 are
+  not stored.
 """
 
 import gzip
+import json
 import os
 import tempfile
 import zlib
@@ -110,53 +118,91 @@ def _from_channel_major(flat, shape):
     return np.ascontiguousarray(np.moveaxis(stored, 0, -1))
 
 
-def _write_packed(group, mask, values, dtype):
-    group.create_dataset(
-        "mask",
-        data=np.packbits(mask.ravel()),
-        chunks=_chunks((mask.size + 7) // 8),
+def _compressed(group, name, data, shuffle=False):
+    data = np.ascontiguousarray(data)
+    if not data.size:
+        return group.create_dataset(name, data=data)
+    return group.create_dataset(
+        name,
+        data=data,
+        chunks=_chunks(data.size),
+        shuffle=shuffle and data.dtype.itemsize > 1,
         compression="gzip",
         compression_opts=9,
     )
-    stored = np.ascontiguousarray(values, dtype=dtype)
-    if stored.size:
-        group.create_dataset(
-            "values",
-            data=stored,
-            chunks=_chunks(stored.size),
-            shuffle=stored.dtype.itemsize > 1,
-            compression="gzip",
-            compression_opts=9,
-        )
-    else:
-        group.create_dataset("values", data=stored)
 
 
-def _write_weight(group, path, array, quantize):
-    group.attrs["path"] = path
-    group.attrs["shape"] = np.asarray(array.shape, np.int64)
-    group.attrs["dtype"] = array.dtype.str
-    if quantize == "int8" and _is_float(array) and array.ndim >= 2:
-        codes, scales = quantize_int8(array)
-        group.attrs["encoding"] = "int8"
-        group.attrs["crc32"] = _crc32(
-            dequantize_int8(codes, scales, array.dtype)
+class _Packer:
+    """Concatenates every tensor's parts into a few datasets: one HDF5
+    dataset costs about 0.5 KB of metadata, and one gzip stream per kind of
+    data compresses better than many short ones."""
+
+    def __init__(self):
+        self.masks = []
+        self.mask_bytes = 0
+        self.values = {}
+        self.scales = []
+        self.scale_count = 0
+        self.index = []
+
+    def _add_values(self, values):
+        name = values.dtype.name
+        parts, count = self.values.get(name, ([], 0))
+        parts.append(values.ravel())
+        self.values[name] = (parts, count + values.size)
+        return [name, count, int(values.size)]
+
+    def _add_mask(self, mask):
+        packed = np.packbits(mask.ravel())
+        self.masks.append(packed)
+        self.mask_bytes += packed.size
+        return [self.mask_bytes - packed.size, int(packed.size)]
+
+    def add(self, path, array, quantize):
+        entry = {
+            "path": path,
+            "shape": [int(d) for d in array.shape],
+            "dtype": array.dtype.str,
+        }
+        if quantize == "int8" and _is_float(array) and array.ndim >= 2:
+            codes, scales = quantize_int8(array)
+            entry["encoding"] = "int8"
+            entry["crc32"] = _crc32(dequantize_int8(codes, scales, array.dtype))
+            codes = _channel_major(codes)
+            mask = codes != 0
+            entry["mask"] = self._add_mask(mask)
+            entry["values"] = self._add_values(codes[mask])
+            entry["scales"] = [self.scale_count, int(scales.size)]
+            self.scales.append(scales)
+            self.scale_count += scales.size
+        else:
+            entry["crc32"] = _crc32(array)
+            ordered = _channel_major(array)
+            mask = _stored_positions(ordered) if _is_float(array) else None
+            if mask is not None and array.size and not mask.all():
+                entry["encoding"] = "sparse"
+                entry["mask"] = self._add_mask(mask)
+                entry["values"] = self._add_values(ordered[mask])
+            else:
+                entry["encoding"] = "dense"
+                entry["values"] = self._add_values(np.ascontiguousarray(array))
+        self.index.append(entry)
+
+    def write(self, f):
+        _compressed(f, "index", _gzip_bytes(json.dumps(self.index)))
+        _compressed(
+            f, "masks", np.concatenate([np.zeros(0, np.uint8)] + self.masks)
         )
-        codes = _channel_major(codes)
-        mask = codes != 0
-        _write_packed(group, mask, codes[mask], np.int8)
-        group.create_dataset("scales", data=scales)
-        return
-    group.attrs["crc32"] = _crc32(array)
-    if _is_float(array) and array.size:
-        ordered = _channel_major(array)
-        mask = _stored_positions(ordered)
-        if not mask.all():
-            group.attrs["encoding"] = "sparse"
-            _write_packed(group, mask, ordered[mask], array.dtype)
-            return
-    group.attrs["encoding"] = "dense"
-    group.create_dataset("values", data=array)
+        group = f.create_group("values")
+        for name, (parts, _) in self.values.items():
+            _compressed(group, name, np.concatenate(parts), shuffle=True)
+        _compressed(
+            f, "scales", np.concatenate([np.zeros(0, np.float32)] + self.scales)
+        )
+
+
+def _gzip_bytes(text):
+    return np.frombuffer(gzip.compress(text.encode("utf-8"), 9), np.uint8)
 
 
 def _model_weights(model):
@@ -230,7 +276,9 @@ def save_compact(model, filepath, quantize: str | None = None) -> None:
     """
     _check_quantize(quantize)
     model = _plain_model(model)
-    weights = _model_weights(model)
+    packer = _Packer()
+    for path, array in _model_weights(model):
+        packer.add(path, array, quantize)
     config = _model_json(model)
     filepath = os.fspath(filepath)
     directory = os.path.dirname(os.path.abspath(filepath))
@@ -239,26 +287,18 @@ def save_compact(model, filepath, quantize: str | None = None) -> None:
     )
     os.close(fd)
     try:
-        # HDF5 1.10 metadata takes a few hundred bytes per dataset, where
-        # the default (1.8-compatible) layout takes about 4 KB.
+        # HDF5 1.10 metadata is a few times smaller than the default
+        # (1.8-compatible) layout's.
         with h5py.File(temp_path, "w", libver="v110") as f:
-            f.attrs["kprune_format"] = FORMAT_NAME
+            # Fixed-length strings: variable-length ones would take a 4 KB
+            # global heap.
+            f.attrs["kprune_format"] = np.bytes_(FORMAT_NAME)
             f.attrs["kprune_format_version"] = FORMAT_VERSION
-            f.attrs["keras_version"] = keras.__version__
-            f.attrs["num_weights"] = len(weights)
-            f.attrs["quantize"] = quantize or "none"
+            f.attrs["keras_version"] = np.bytes_(keras.__version__)
+            f.attrs["quantize"] = np.bytes_(quantize or "none")
             if config is not None:
-                f.create_dataset(
-                    "model_config",
-                    data=np.frombuffer(
-                        gzip.compress(config.encode("utf-8"), 9), np.uint8
-                    ),
-                )
-            group = f.create_group("weights")
-            for i, (path, array) in enumerate(weights):
-                _write_weight(
-                    group.create_group(f"{i:05d}"), path, array, quantize
-                )
+                _compressed(f, "model_config", _gzip_bytes(config))
+            packer.write(f)
         os.replace(temp_path, filepath)
     finally:
         if os.path.exists(temp_path):
@@ -281,50 +321,66 @@ def _corrupt_error(filepath, detail):
     )
 
 
-def _read_weight(group, filepath):
-    attrs = group.attrs
-    try:
-        shape = tuple(int(d) for d in attrs["shape"])
-        dtype = np.dtype(attrs["dtype"])
-        encoding = attrs["encoding"]
-        crc = int(attrs["crc32"])
-        path = attrs["path"]
-    except KeyError as error:
+def _slice(data, span, what, path, filepath):
+    offset, count = (int(v) for v in span)
+    if offset < 0 or count < 0 or offset + count > data.size:
         raise _corrupt_error(
-            filepath, f"weight {group.name} lacks attribute {error}"
-        ) from None
+            filepath, f"the {what} of weight {path!r} lie outside the file"
+        )
+    return data[offset : offset + count]
+
+
+def _read_weight(entry, masks, values, scales, filepath):
+    path = entry["path"]
+    shape = tuple(int(d) for d in entry["shape"])
+    dtype = np.dtype(entry["dtype"])
+    encoding = entry["encoding"]
     size = int(np.prod(shape))
+    name, offset, count = entry["values"]
+    if name not in values:
+        raise _corrupt_error(filepath, f"no values of dtype {name!r}")
+    stored = _slice(values[name], (offset, count), "values", path, filepath)
     if encoding == "dense":
-        array = np.asarray(group["values"][()])
+        if count != size:
+            raise _corrupt_error(
+                filepath, f"weight {path!r} has {count} values, not {size}"
+            )
+        array = stored
     elif encoding in ("sparse", "int8"):
-        packed = group["mask"][()]
-        values = group["values"][()]
+        packed = _slice(masks, entry["mask"], "mask", path, filepath)
         if packed.size != (size + 7) // 8:
             raise _corrupt_error(
                 filepath, f"the mask of weight {path!r} has the wrong length"
             )
         mask = np.unpackbits(packed, count=size).astype(bool)
-        if int(mask.sum()) != values.size:
+        if int(mask.sum()) != stored.size:
             raise _corrupt_error(
                 filepath,
                 f"weight {path!r} has {int(mask.sum())} positions but "
-                f"{values.size} values",
+                f"{stored.size} values",
             )
-        flat = np.zeros(size, np.int8 if encoding == "int8" else dtype)
-        flat[mask] = values
+        flat = np.zeros(size, stored.dtype)
+        flat[mask] = stored
         array = _from_channel_major(flat, shape)
         if encoding == "int8":
-            array = dequantize_int8(array, group["scales"][()], dtype)
+            channel_scales = _slice(
+                scales, entry["scales"], "scales", path, filepath
+            )
+            array = dequantize_int8(array, channel_scales, dtype)
     else:
         raise _corrupt_error(
             filepath, f"weight {path!r} has unknown encoding {encoding!r}"
         )
     array = np.asarray(array, dtype).reshape(shape)
-    if _crc32(array) != crc:
+    if _crc32(array) != int(entry["crc32"]):
         raise _corrupt_error(
             filepath, f"weight {path!r} fails its CRC-32 check"
         )
     return path, array
+
+
+def _gunzip_json(dataset):
+    return gzip.decompress(dataset[()].tobytes()).decode("utf-8")
 
 
 def read_compact(filepath):
@@ -353,7 +409,10 @@ def read_compact(filepath):
         raise _not_compact_error(filepath, "it is not an HDF5 file") from None
     try:
         with f:
-            attrs = dict(f.attrs)
+            attrs = {
+                key: value.decode() if isinstance(value, bytes) else value
+                for key, value in f.attrs.items()
+            }
             if attrs.get("kprune_format") != FORMAT_NAME:
                 raise _not_compact_error(
                     filepath, "it has no `kprune_format` attribute"
@@ -367,19 +426,23 @@ def read_compact(filepath):
                 )
             config = None
             if "model_config" in f:
-                config = gzip.decompress(
-                    f["model_config"][()].tobytes()
-                ).decode("utf-8")
-            group = f["weights"]
-            count = int(attrs["num_weights"])
-            names = sorted(group)
-            if names != [f"{i:05d}" for i in range(count)]:
-                raise _corrupt_error(
-                    filepath,
-                    f"expected {count} weights, found {len(names)}",
-                )
-            weights = [_read_weight(group[name], filepath) for name in names]
-    except (OSError, KeyError, EOFError, zlib.error) as error:
+                config = _gunzip_json(f["model_config"])
+            index = json.loads(_gunzip_json(f["index"]))
+            masks = f["masks"][()]
+            scales = f["scales"][()]
+            values = {name: f["values"][name][()] for name in f["values"]}
+            weights = [
+                _read_weight(entry, masks, values, scales, filepath)
+                for entry in index
+            ]
+    except (
+        OSError,
+        KeyError,
+        TypeError,
+        EOFError,
+        zlib.error,
+        json.JSONDecodeError,
+    ) as error:
         raise _corrupt_error(
             filepath, f"{type(error).__name__}: {error}"
         ) from error
