@@ -94,6 +94,9 @@ def train():
     compile_model(model).fit(
         x_train, y_train, batch_size=batch_size, epochs=args.epochs, verbose=2
     )
+    # Saved now: tfmot's `prune_low_magnitude` wraps the model's own layers,
+    # so pruning changes `model`'s weights too.
+    save_h5(model, dense_path)
     steps = int(np.ceil(len(x_train) / batch_size)) * args.prune_epochs
     schedule = sparsity.PolynomialDecay(
         initial_sparsity=0.50,
@@ -113,7 +116,7 @@ def train():
         verbose=2,
         callbacks=[sparsity.UpdatePruningStep()],
     )
-    return model, sparsity.strip_pruning(pruned)
+    return sparsity.strip_pruning(pruned)
 
 
 def save_h5(m, path):
@@ -126,12 +129,11 @@ def save_h5(m, path):
 dense_path = os.path.join(out, "dense.h5")
 stripped_path = os.path.join(out, "stripped.h5")
 if args.reuse and os.path.exists(stripped_path):
-    model = keras.models.load_model(dense_path, compile=False)
     stripped = keras.models.load_model(stripped_path, compile=False)
 else:
-    model, stripped = train()
-    save_h5(model, dense_path)
+    stripped = train()
     save_h5(stripped, stripped_path)
+model = keras.models.load_model(dense_path, compile=False)
 dense_accuracy = compile_model(model).evaluate(x_test, y_test, verbose=0)[1]
 stripped = compile_model(stripped)
 pruned_accuracy = stripped.evaluate(x_test, y_test, verbose=0)[1]

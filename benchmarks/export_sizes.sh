@@ -12,7 +12,7 @@ if [ ! -x .venv-tfmot/bin/python ]; then
   .venv-tfmot/bin/pip install --quiet tensorflow==2.21.0 tf-keras==2.21.0 \
     tensorflow-model-optimization==0.8.1
 fi
-for seed in 0 1; do
+for seed in ${SEEDS:-0 1}; do
   .venv-tfmot/bin/python benchmarks/export_sizes.py --library tfmot --seed "$seed" \
     --out "out/export_sizes/seed$seed" 2>/dev/null | grep '^{'
   .venv/bin/python benchmarks/export_sizes.py --library kprune --seed "$seed" \
