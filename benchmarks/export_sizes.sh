@@ -18,3 +18,18 @@ for seed in ${SEEDS:-0 1}; do
   .venv/bin/python benchmarks/export_sizes.py --library kprune --seed "$seed" \
     --out "out/export_sizes/seed$seed" 2>/dev/null | grep '^{'
 done | tee benchmarks/export_sizes.jsonl
+.venv/bin/python - <<'PY'
+import json
+import statistics
+
+rows = [json.loads(line) for line in open("benchmarks/export_sizes.jsonl")]
+for library in ("tfmot", "kprune"):
+    mine = [r for r in rows if r["library"] == library]
+    print(f"{library} ({len(mine)} seeds), median MB:")
+    for key in mine[0]["bytes"]:
+        values = [r["bytes"][key] / 1e6 for r in mine]
+        print(f"  {key:<40} {statistics.median(values):.3f}")
+    for key in mine[0]["accuracy"]:
+        values = [r["accuracy"][key] for r in mine]
+        print(f"  accuracy {key:<31} {statistics.median(values):.4f}")
+PY

@@ -17,15 +17,24 @@ from testing import small_cnn
 
 
 def run_litert(path, x):
+    """Runs a file with the builtin kernels: TF 2.21's default XNNPACK
+    delegate cannot prepare sparse dynamic-range models."""
     try:
         from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import OpResolverType
     except ImportError:
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter
+        OpResolverType = tf.lite.experimental.OpResolverType
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite's deprecation notice
-        interpreter = Interpreter(model_path=str(path))
+        interpreter = Interpreter(
+            model_path=str(path),
+            experimental_op_resolver_type=(
+                OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            ),
+        )
     entry = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(entry["index"], list(x.shape))
     interpreter.allocate_tensors()
@@ -69,14 +78,19 @@ def test_dynamic_range_litert_file_predicts_close_to_the_keras_model(
     assert np.max(np.abs(actual - expected)) < 0.05 * np.max(np.abs(expected))
 
 
-@requires_tensorflow
-def test_sparse_litert_file_is_smaller_than_the_dense_export(tmp_path):
+def sparse_dense_model():
     model = keras.Sequential(
         [keras.Input((256,)), keras.layers.Dense(256), keras.layers.Dense(10)]
     )
     kernel = keras.ops.convert_to_numpy(model.layers[0].kernel)
     cut = np.quantile(np.abs(kernel), 0.9)
     model.layers[0].kernel.assign(np.where(np.abs(kernel) > cut, kernel, 0))
+    return model
+
+
+@requires_tensorflow
+def test_sparse_litert_file_is_smaller_than_the_dense_export(tmp_path):
+    model = sparse_dense_model()
     dense_path = tmp_path / "dense.tflite"
     sparse_path = tmp_path / "sparse.tflite"
     model.export(str(dense_path), format="litert", verbose=False)
@@ -87,6 +101,20 @@ def test_sparse_litert_file_is_smaller_than_the_dense_export(tmp_path):
     np.testing.assert_allclose(
         run_litert(sparse_path, x), model.predict(x, verbose=0), atol=1e-5
     )
+
+
+@requires_tensorflow
+def test_sparse_dynamic_range_file_is_smaller_and_runs(tmp_path):
+    model = sparse_dense_model()
+    float_path = tmp_path / "sparse.tflite"
+    int8_path = tmp_path / "sparse_int8.tflite"
+    kprune.export_litert(model, float_path)
+    kprune.export_litert(model, int8_path, quantize="dynamic_range")
+    assert os.path.getsize(int8_path) < 0.6 * os.path.getsize(float_path)
+    x, _ = classification_data(n=4, shape=(256,))
+    expected = model.predict(x, verbose=0)
+    actual = run_litert(int8_path, x)
+    assert np.max(np.abs(actual - expected)) < 0.05 * np.max(np.abs(expected))
 
 
 @pytest.mark.parametrize(

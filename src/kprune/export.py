@@ -22,6 +22,10 @@ def export_litert(
 
     Needs the TensorFlow backend. The file runs in the LiteRT interpreter
     (`ai_edge_litert.interpreter.Interpreter`, or `tf.lite.Interpreter`).
+    With TensorFlow 2.21, a file both sparse and dynamic-range quantized
+    fails to prepare under the default XNNPACK delegate; run it with
+    `experimental_op_resolver_type=tf.lite.experimental.OpResolverType.
+    BUILTIN_WITHOUT_DEFAULT_DELEGATES` (see docs/export.md).
 
     Args:
         model: A Keras model, pruned or stripped.
