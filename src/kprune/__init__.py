@@ -5,6 +5,12 @@ A drop-in for `tfmot.sparsity.keras`: the same public names and arguments.
 
 from kprune.callbacks import PruningSummaries
 from kprune.callbacks import UpdatePruningStep
+from kprune.compression import load_compact
+from kprune.compression import save_compact
+from kprune.export import export_litert
+from kprune.plots import plot_mask
+from kprune.plots import plot_schedule
+from kprune.plots import plot_sparsity
 from kprune.prunable_layer import PrunableLayer
 from kprune.prune import prune_low_magnitude
 from kprune.prune import prune_scope
@@ -14,6 +20,8 @@ from kprune.registry import register_prunable_layer
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
+from kprune.summary import sparsity_report
+from kprune.summary import summary
 from kprune.wrapper import PruneLowMagnitude
 
 __version__ = "0.1.0"
@@ -27,8 +35,16 @@ __all__ = [
     "PruningSchedule",
     "PruningSummaries",
     "UpdatePruningStep",
+    "export_litert",
+    "load_compact",
+    "plot_mask",
+    "plot_schedule",
+    "plot_sparsity",
     "prune_low_magnitude",
     "prune_scope",
     "register_prunable_layer",
+    "save_compact",
+    "sparsity_report",
     "strip_pruning",
+    "summary",
 ]
