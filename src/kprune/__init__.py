@@ -3,6 +3,10 @@
 A drop-in for `tfmot.sparsity.keras`: the same public names and arguments.
 """
 
+from kprune.allocation import GlobalSparsity
+from kprune.allocation import erk_sparsities
+from kprune.allocation import per_layer_schedules
+from kprune.allocation import prunable_layer_names
 from kprune.callbacks import PruningSummaries
 from kprune.callbacks import UpdatePruningStep
 from kprune.prunable_layer import PrunableLayer
@@ -19,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConstantSparsity",
+    "GlobalSparsity",
     "PolynomialDecay",
     "PrunableLayer",
     "PruneLowMagnitude",
@@ -26,6 +31,9 @@ __all__ = [
     "PruningSchedule",
     "PruningSummaries",
     "UpdatePruningStep",
+    "erk_sparsities",
+    "per_layer_schedules",
+    "prunable_layer_names",
     "prune_low_magnitude",
     "prune_scope",
     "strip_pruning",

@@ -69,20 +69,56 @@ def _copy_weights(pairs):
             new.set_weights(old.get_weights())
 
 
-def _prune_model(model, params, pruning_policy):
+def _schedule_map(schedules):
+    """Validates a dict of layer name to schedule (or sparsity)."""
+    result = {}
+    for name, value in schedules.items():
+        if not isinstance(name, str):
+            raise ValueError(
+                "The keys of a per-layer `pruning_schedule` dict must be "
+                f"layer names. Received the key {name!r}."
+            )
+        if isinstance(value, PruningSchedule):
+            result[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            PruningSchedule._validate_sparsity(
+                value, f"pruning_schedule[{name!r}]"
+            )
+            result[name] = ConstantSparsity(float(value), begin_step=0)
+        else:
+            raise ValueError(
+                f"Argument `pruning_schedule[{name!r}]` must be a "
+                "`kprune.PruningSchedule` or a sparsity in [0, 1). "
+                f"Received: {value!r}"
+            )
+    return result
+
+
+def _prune_model(model, params, pruning_policy, schedules=None):
     if pruning_policy is not None:
         pruning_policy.ensure_model_supports_pruning(model)
     pairs = []
+    seen = set()
 
     def clone(layer):
         # Called on each original layer before its copy is built, so a
         # layer that does not suit the arguments fails the call at once,
         # and the input model is never touched.
+        if registry.is_prunable(layer):
+            seen.add(layer.name)
         if isinstance(layer, PruneLowMagnitude):
             new = _fresh_copy(layer)
-        elif registry.is_prunable(layer) and (
-            pruning_policy is None or pruning_policy.allow_pruning(layer)
+        elif (
+            registry.is_prunable(layer)
+            and (schedules is None or layer.name in schedules)
+            and (pruning_policy is None or pruning_policy.allow_pruning(layer))
         ):
+            layer_params = params
+            if schedules is not None:
+                layer_params = {
+                    **params,
+                    "pruning_schedule": schedules[layer.name],
+                }
             if layer.built:
                 PruneLowMagnitude._check_weights(
                     layer,
@@ -90,7 +126,7 @@ def _prune_model(model, params, pruning_policy):
                     params["block_size"],
                     params["sparsity_m_by_n"],
                 )
-            new = PruneLowMagnitude(_fresh_copy(layer), **params)
+            new = PruneLowMagnitude(_fresh_copy(layer), **layer_params)
         elif (
             registry.has_nothing_to_prune(layer)
             or registry.is_prunable(layer)
@@ -109,6 +145,14 @@ def _prune_model(model, params, pruning_policy):
         "Prune the layers inside it instead: wrap them with "
         "`kprune.prune_low_magnitude(layer)` where the model creates them.",
     )
+    if schedules is not None:
+        unknown = sorted(set(schedules) - seen)
+        if unknown:
+            raise ValueError(
+                "Argument `pruning_schedule` names layers that are not "
+                f"prunable layers of the model: {unknown}. Prunable layers: "
+                f"{sorted(seen)}"
+            )
     _copy_weights(pairs)
     return pruned
 
@@ -145,6 +189,10 @@ def prune_low_magnitude(
             functional model.
         pruning_schedule: A `kprune.PruningSchedule`: when to prune and to
             which sparsity.
+            For a model, it may also be a dict of layer name to schedule
+            (or to a sparsity `s`, meaning `ConstantSparsity(s, 0)`): each
+            named layer gets its own schedule and the layers not named stay
+            dense; see `kprune.per_layer_schedules`.
         block_size: `(height, width)` of blocks of a rank-2 weight pruned
             together; `(1, 1)` (default) prunes single weights.
         block_pooling_type: `"AVG"` or `"MAX"`: how a block's magnitudes
@@ -179,6 +227,16 @@ def prune_low_magnitude(
     pruned.fit(x, y, callbacks=[kprune.UpdatePruningStep()])
     ```
     """
+    schedules = None
+    if isinstance(pruning_schedule, dict):
+        if not _is_model(to_prune):
+            raise ValueError(
+                "A per-layer `pruning_schedule` dict applies to whole models "
+                f"only. Received a {type(to_prune).__name__}: pass a "
+                "schedule instead."
+            )
+        schedules = _schedule_map(pruning_schedule)
+        pruning_schedule = DEFAULT_SCHEDULE
     validate_schedule(pruning_schedule)
     block_size, block_pooling_type, sparsity_m_by_n = validate_pruning_args(
         block_size, block_pooling_type, sparsity_m_by_n
@@ -196,7 +254,7 @@ def prune_low_magnitude(
                 "layer or a list of layers, not a model. Received: "
                 f"{sorted(kwargs)}"
             )
-        return _prune_model(to_prune, params, pruning_policy)
+        return _prune_model(to_prune, params, pruning_policy, schedules)
     if pruning_policy is not None:
         raise ValueError(
             "Argument `pruning_policy` applies to whole models only. "
