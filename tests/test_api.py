@@ -22,7 +22,18 @@ TFMOT_NAMES = {
 
 def test_all_lists_the_tfmot_names_and_only_public_names():
     assert TFMOT_NAMES <= set(kprune.__all__)
-    assert set(kprune.__all__) == TFMOT_NAMES | {"PruneLowMagnitude"}
+    assert set(kprune.__all__) == TFMOT_NAMES | {"PruneLowMagnitude"} | {
+        # Beyond tfmot: allocation, structured pruning, sensitivity.
+        "GlobalSparsity",
+        "erk_sparsities",
+        "per_layer_schedules",
+        "prunable_layer_names",
+        "StructuredSparsity",
+        "shrink_model",
+        "structured_plan",
+        "sensitivity_analysis",
+        "SensitivityResult",
+    }
     for name in kprune.__all__:
         assert hasattr(kprune, name)
 

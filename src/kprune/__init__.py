@@ -17,6 +17,11 @@ from kprune.pruning_policy import PruningPolicy
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
+from kprune.sensitivity import SensitivityResult
+from kprune.sensitivity import sensitivity_analysis
+from kprune.structured import StructuredSparsity
+from kprune.structured import shrink_model
+from kprune.structured import structured_plan
 from kprune.wrapper import PruneLowMagnitude
 
 __version__ = "0.1.0"
@@ -30,11 +35,16 @@ __all__ = [
     "PruningPolicy",
     "PruningSchedule",
     "PruningSummaries",
+    "SensitivityResult",
+    "StructuredSparsity",
     "UpdatePruningStep",
     "erk_sparsities",
     "per_layer_schedules",
     "prunable_layer_names",
     "prune_low_magnitude",
     "prune_scope",
+    "sensitivity_analysis",
+    "shrink_model",
     "strip_pruning",
+    "structured_plan",
 ]
