@@ -326,3 +326,32 @@ def test_prunable_layer_names_lists_layers_in_model_order():
         "hidden",
         "out",
     ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_global_masks_hold_in_a_custom_loop_whatever_the_variable_order(
+    reverse,
+):
+    keras.utils.set_random_seed(6)
+    pruned = kprune.prune_low_magnitude(
+        three_layer_model(), global_schedule(0.7)
+    )
+    callback = kprune.UpdatePruningStep()
+    callback.set_model(pruned)
+    callback.on_train_begin()
+    optimizer = keras.optimizers.SGD(0.1)
+    variables = list(pruned.trainable_variables)
+    if reverse:
+        variables = variables[::-1]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+        optimizer.apply(grads, variables)
+    rows = pruned_vars(pruned)
+    kept = sum(int(keras.ops.convert_to_numpy(m).sum()) for _, _, m in rows)
+    size = sum(int(np.prod(w.shape)) for _, w, _ in rows)
+    assert kept == testing.reference_kept(size, 0.7)
+    for _, w, m in rows:
+        values = keras.ops.convert_to_numpy(w)
+        assert np.all(values[~keras.ops.convert_to_numpy(m)] == 0)
+    assert testing.steps(pruned) == [3, 3, 3]
