@@ -214,3 +214,24 @@ def test_structured_sparsity_rejects_bad_arguments_and_models():
                 testing.mlp(), kprune.ConstantSparsity(0.5, 0)
             )
         )
+
+
+def test_a_layer_read_by_two_branches_shrinks_for_both():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    shared = layers.Dense(8, activation="tanh", name="shared")(inputs)
+    left = layers.Dense(3, name="left")(shared)
+    right = layers.Dense(2, name="right")(layers.Dropout(0.2)(shared))
+    model = keras.Model(inputs, [left, right])
+    pruned = kprune.prune_low_magnitude(model, structured(0.5))
+    assert kprune.structured_plan(pruned)["shared"] is None
+    pruned.compile(optimizer="adam", loss=["mse", "mse"])
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    testing.fit_pruned(pruned, x, [x[:, :3], x[:, :2]], epochs=2)
+    small = kprune.shrink_model(pruned)
+    assert small.get_layer("shared").units == 4
+    assert small.count_params() == (6 * 4 + 4) + (4 * 3 + 3) + (4 * 2 + 2)
+    for got, want in zip(
+        small.predict(x, verbose=0), pruned.predict(x, verbose=0)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

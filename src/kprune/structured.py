@@ -352,6 +352,13 @@ class StructuredGroup(MaskGroup):
         names = {w.layer.name for w in self.wrappers}
         self.plan = _Plan(model, names)
         self.producers = set(self.plan.removable())
+        # Masks are computed producers first: the model's top-level layers
+        # are in topological order.
+        rank = {id(layer): i for i, layer in enumerate(model.layers)}
+        self.order = sorted(
+            range(len(self.entries)),
+            key=lambda i: rank.get(id(self.entries[i][0]), len(rank)),
+        )
         # Consumer name -> (producer name, repeats).
         self.inputs = {}
         for producer in self.producers:
@@ -360,14 +367,16 @@ class StructuredGroup(MaskGroup):
 
     def compute_masks(self, weights, sparsity):
         out_masks = {}
-        masks, thresholds = [], []
-        for (wrapper, _), weight in zip(self.entries, weights):
+        masks = [None] * len(weights)
+        thresholds = [None] * len(weights)
+        for position in self.order:
+            wrapper, _ = self.entries[position]
+            weight = weights[position]
             name = wrapper.layer.name
-            ones = ops.ones(weight.shape, "bool")
             threshold = ops.zeros((), "float32")
             if not _is_unit_layer(wrapper) or len(weight.shape) < 2:
-                masks.append(ones)
-                thresholds.append(threshold)
+                masks[position] = ops.ones(weight.shape, "bool")
+                thresholds[position] = threshold
                 continue
             units = weight.shape[-1]
             in_mask = ops.ones((weight.shape[-2],), "bool")
@@ -392,8 +401,8 @@ class StructuredGroup(MaskGroup):
                 out_masks[name] = out_mask
             shape_out = [1] * (len(weight.shape) - 1) + [units]
             mask = ops.logical_and(in_mask, ops.reshape(out_mask, shape_out))
-            masks.append(ops.broadcast_to(mask, weight.shape))
-            thresholds.append(threshold)
+            masks[position] = ops.broadcast_to(mask, weight.shape)
+            thresholds[position] = threshold
         return masks, thresholds
 
 
