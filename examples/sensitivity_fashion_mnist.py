@@ -52,7 +52,7 @@ def main(argv=None):
     parser.add_argument(
         "--dataset", default="auto", choices=["auto", "fashion_mnist", "digits"]
     )
-    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--tolerance", type=float, default=0.02)
     parser.add_argument("--out", default="out/sensitivity")
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
