@@ -72,12 +72,57 @@ def pruned_model(dense, allocation, target, end_step):
     return compile_model(kprune.prune_low_magnitude(dense, schedule))
 
 
+def summarize(path):
+    """Prints the Markdown table of means over seeds from the JSON lines."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    targets = sorted({r["target"] for r in rows})
+    allocations = ["uniform", "global", "erk"]
+    seeds = sorted({r["seed"] for r in rows})
+    dense = {r["seed"]: r["dense_accuracy"] for r in rows}
+    print(
+        f"Dense accuracy (2 epochs), mean of {len(seeds)} seeds: "
+        f"{np.mean(list(dense.values())):.4f}\n"
+    )
+    print(
+        "| target | allocation | accuracy (mean) | per seed | conv1 / conv2 "
+        "/ dense1 / dense2 sparsity (seed 0) |"
+    )
+    print("|---|---|---|---|---|")
+    for target in targets:
+        for allocation in allocations:
+            mine = [
+                r
+                for r in rows
+                if r["target"] == target and r["allocation"] == allocation
+            ]
+            if not mine:
+                continue
+            layers = " / ".join(
+                f"{v:.3f}" for v in mine[0]["layer_sparsity"].values()
+            )
+            print(
+                f"| {target:.0%} | {allocation} | "
+                f"{np.mean([r['accuracy'] for r in mine]):.4f} | "
+                + ", ".join(f"{r['accuracy']:.4f}" for r in mine)
+                + f" | {layers} |"
+            )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="only print the table of the rows already in --out",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95])
     parser.add_argument("--out", default="benchmarks/allocation_accuracy.jsonl")
     args = parser.parse_args()
+    if args.summary:
+        summarize(args.out)
+        return
     source, ((x_train, y_train), (x_test, y_test)) = load_data("fashion_mnist")
     x_train = x_train.astype("float32") / 255.0
     x_test = x_test.astype("float32") / 255.0
