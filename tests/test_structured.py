@@ -235,3 +235,27 @@ def test_a_layer_read_by_two_branches_shrinks_for_both():
         small.predict(x, verbose=0), pruned.predict(x, verbose=0)
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_gives_a_reason_for_every_layer_it_leaves_alone():
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 3)),
+            layers.Conv2D(4, 1, name="c"),
+            layers.LayerNormalization(name="ln"),
+            layers.Flatten(),
+            layers.Dense(6, activation="softmax", name="soft"),
+            layers.Dense(5, name="h"),
+            layers.Dense(2, name="o"),
+        ]
+    )
+    schedule = structured(0.5)
+    pruned = kprune.prune_low_magnitude(
+        model, {"c": schedule, "soft": schedule, "o": schedule}
+    )
+    plan = kprune.structured_plan(pruned)
+    assert "'ln' (LayerNormalization)" in plan["c"]
+    assert "cannot rewire" in plan["c"]
+    assert plan["soft"] == "its softmax mixes its units"
+    assert "h" not in plan  # not pruned with StructuredSparsity
+    assert plan["o"] == "its output is a model output"
