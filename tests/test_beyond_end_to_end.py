@@ -74,12 +74,13 @@ def test_structured_digits_classifier_shrinks_and_keeps_its_accuracy():
 @pytest.mark.slow
 def test_global_beats_uniform_where_layers_differ_in_size():
     (x_train, y_train), (x_test, y_test) = digits()
+    keras.utils.set_random_seed(0)
+    model = digits_cnn()
+    model.compile(**COMPILE)
+    model.fit(x_train, y_train, epochs=10, batch_size=32, verbose=0)
     accuracy = {}
     for name in ("uniform", "global"):
         keras.utils.set_random_seed(0)
-        model = digits_cnn()
-        model.compile(**COMPILE)
-        model.fit(x_train, y_train, epochs=10, batch_size=32, verbose=0)
         ramp = kprune.PolynomialDecay(0.5, 0.97, 0, 44 * 3, frequency=11)
         schedule = ramp if name == "uniform" else kprune.GlobalSparsity(ramp)
         pruned = kprune.prune_low_magnitude(model, schedule)
