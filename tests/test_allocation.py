@@ -355,3 +355,14 @@ def test_global_masks_hold_in_a_custom_loop_whatever_the_variable_order(
         values = keras.ops.convert_to_numpy(w)
         assert np.all(values[~keras.ops.convert_to_numpy(m)] == 0)
     assert testing.steps(pruned) == [3, 3, 3]
+
+
+def test_a_global_layer_that_was_never_connected_refuses_to_train():
+    pruned = kprune.prune_low_magnitude(testing.mlp(), global_schedule(0.5))
+    for layer in collect_pruned_layers(pruned):
+        # As if training had been readied without `on_train_begin`.
+        layer._step_driven = True
+    testing.compile_classifier(pruned)
+    x, y = testing.classification_data(n=4)
+    with pytest.raises(RuntimeError, match="not connected to its group"):
+        pruned.fit(x, y, verbose=0)

@@ -259,3 +259,15 @@ def test_plan_gives_a_reason_for_every_layer_it_leaves_alone():
     assert plan["soft"] == "its softmax mixes its units"
     assert "h" not in plan  # not pruned with StructuredSparsity
     assert plan["o"] == "its output is a model output"
+
+
+def test_a_shared_layer_keeps_its_units():
+    inputs = keras.Input((4,))
+    shared = layers.Dense(4, name="shared")
+    hidden = shared(shared(inputs))
+    model = keras.Model(inputs, layers.Dense(2, name="o")(hidden))
+    pruned = kprune.prune_low_magnitude(model, structured(0.5))
+    assert (
+        "shared (called more than once)"
+        in kprune.structured_plan(pruned)["shared"]
+    )

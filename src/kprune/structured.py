@@ -186,16 +186,6 @@ def _passes_channels(layer):
     return False
 
 
-def _single_input(layer):
-    try:
-        inputs = layer.input
-    except (AttributeError, ValueError):
-        return None
-    if isinstance(inputs, (list, tuple)):
-        return inputs[0] if len(inputs) == 1 else None
-    return inputs
-
-
 class _Plan:
     """Which units of which layers can be removed, read from the graph.
 
@@ -222,13 +212,17 @@ class _Plan:
             try:
                 inputs = layer.input
             except (AttributeError, ValueError):
-                shared.add(layer.name)
+                inputs = None
+            # `layer.input` is the first call's input even when a layer
+            # is called several times; only the node count tells.
+            if inputs is None or len(getattr(layer, "_inbound_nodes", ())) > 1:
+                shared.add(_base(layer).name)
                 continue
             if not isinstance(inputs, (list, tuple)):
                 inputs = [inputs]
             for tensor in inputs:
                 readers.setdefault(id(tensor), []).append((layer, len(inputs)))
-        outputs = {id(t) for t in model.outputs}
+        outputs = {id(t) for t in getattr(model, "outputs", None) or []}
         for layer in top:
             base = _base(layer)
             if not _is_unit_layer(layer):
@@ -238,7 +232,10 @@ class _Plan:
                 continue
             reason = None
             if name in shared:
-                reason = "it is shared (called more than once)"
+                reason = (
+                    "its connections are unknown: it is shared (called more "
+                    "than once) or inside a subclassed model"
+                )
             elif _activation_name(base) in _CHANNEL_MIXING_ACTIVATIONS:
                 reason = "its softmax mixes its units"
             else:
