@@ -31,6 +31,19 @@ EXPORT_NAMES = {
     "summary",
 }
 
+# Beyond tfmot: allocation, structured pruning, sensitivity.
+BEYOND_TFMOT_NAMES = {
+    "GlobalSparsity",
+    "erk_sparsities",
+    "per_layer_schedules",
+    "prunable_layer_names",
+    "StructuredSparsity",
+    "shrink_model",
+    "structured_plan",
+    "sensitivity_analysis",
+    "SensitivityResult",
+}
+
 
 def test_all_lists_the_tfmot_names_and_only_public_names():
     assert TFMOT_NAMES <= set(kprune.__all__)
@@ -38,6 +51,7 @@ def test_all_lists_the_tfmot_names_and_only_public_names():
         TFMOT_NAMES
         | {"PruneLowMagnitude", "register_prunable_layer"}
         | EXPORT_NAMES
+        | BEYOND_TFMOT_NAMES
     )
     for name in kprune.__all__:
         assert hasattr(kprune, name)
