@@ -343,7 +343,7 @@ class _Plan:
                         f"its output meets other tensors in {what}, whose "
                         "channels kprune cannot match",
                     )
-                if repeats != 1 or base.name in self.shared:
+                if repeats != 1:
                     return self._fail(
                         name, f"its output reaches {what} after a Flatten"
                     )
