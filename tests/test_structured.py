@@ -154,25 +154,83 @@ def residual_model():
     return keras.Model(inputs, e)
 
 
-def test_residual_branches_are_left_alone_with_a_reason():
+def test_residual_branches_lose_the_same_units():
     keras.utils.set_random_seed(3)
     x, y = testing.classification_data(n=16, shape=(6,))
     pruned = kprune.prune_low_magnitude(residual_model(), structured(0.4))
     plan = kprune.structured_plan(pruned)
-    assert plan["d"] is None
-    assert "Add" in plan["a"] and "shared by every branch" in plan["a"]
-    assert "Add" in plan["b"]
-    assert plan["e"] == "its output is a model output"
+    assert plan == {
+        "a": None,
+        "b": None,
+        "d": None,
+        "e": "its output is a model output",
+    }
     train(pruned, x, y)
+    masks = {
+        w.layer.name: keras.ops.convert_to_numpy(w.pruning_vars[0][1])
+        for w in collect_pruned_layers(pruned)
+    }
+    kept = masks["a"].any(axis=0)
+    assert kept.sum() == 5
+    # b reads a and is added to it: same units in and out.
+    np.testing.assert_array_equal(masks["b"].any(axis=0), kept)
+    np.testing.assert_array_equal(masks["b"].any(axis=1), kept)
+    np.testing.assert_array_equal(masks["d"].any(axis=1), kept)
     small = kprune.shrink_model(pruned)
-    assert small.get_layer("a").units == 8
+    assert small.get_layer("a").units == small.get_layer("b").units == 5
     assert small.get_layer("d").units == 3
+    assert small.count_params() == (6 * 5 + 5) + (5 * 5 + 5) + (5 * 3 + 3) + (
+        3 * 3 + 3
+    )
     np.testing.assert_allclose(
         small.predict(x, verbose=0),
         pruned.predict(x, verbose=0),
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_conv_residual_block_with_batch_norm_shrinks_consistently():
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((6, 6, 2))
+    stem = layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    h = layers.BatchNormalization(name="bn1")(stem)
+    h = layers.ReLU()(h)
+    h = layers.Conv2D(8, 3, padding="same", name="conv_a")(h)
+    h = layers.BatchNormalization(name="bn2")(h)
+    block = layers.Add(name="add1")([stem, h])
+    h = layers.Conv2D(8, 1, name="conv_b")(block)
+    block = layers.Add(name="add2")([block, h])
+    h = layers.GlobalAveragePooling2D()(block)
+    outputs = layers.Dense(3, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    pruned = kprune.prune_low_magnitude(model, structured(0.5))
+    plan = kprune.structured_plan(pruned)
+    assert plan["stem"] is None and plan["conv_a"] is None
+    assert plan["conv_b"] is None
+    x, y = testing.classification_data(n=16, shape=(6, 6, 2))
+    train(pruned, x, y)
+    small = kprune.shrink_model(pruned)
+    for name in ("stem", "conv_a", "conv_b"):
+        assert small.get_layer(name).filters == 4
+    assert small.get_layer("bn1").gamma.shape == (4,)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0),
+        pruned.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_an_identity_skip_from_the_input_leaves_the_block_alone():
+    inputs = keras.Input((4,))
+    h = layers.Dense(4, name="branch")(inputs)
+    h = layers.Add(name="add")([inputs, h])
+    model = keras.Model(inputs, layers.Dense(2, name="o")(h))
+    pruned = kprune.prune_low_magnitude(model, structured(0.5))
+    reason = kprune.structured_plan(pruned)["branch"]
+    assert "'add' (Add) also takes a model input" in reason
+    assert "cannot share one mask" in reason
 
 
 def test_conv_to_global_pooling_to_dense_and_conv1d_shrink():

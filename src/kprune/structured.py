@@ -11,12 +11,15 @@ Keras model with the same predictions.
 A layer's units can be removed when every path from its output reaches
 Dense or Conv layers through layers that act per channel
 (BatchNormalization, activations, dropout, pooling, padding, Flatten).
-Otherwise the layer keeps all its units, and `structured_plan` says why:
-model outputs (their units are the model's outputs), `Add`, `Concatenate`
-and other merges (residual branches would need one shared mask for every
-branch, which this version does not compute, so they are left alone),
-`Reshape`, `LayerNormalization` (which mixes channels), softmax over
-channels, shared layers, nested models, `channels_first` layers.
+Layers whose outputs meet in element-wise merges (`Add`, `Subtract`,
+`Average`, `Maximum`, `Minimum`, `Multiply`: residual blocks) form one
+group that loses the same units, ranked by the sum of their norms; a merge
+that also takes a tensor from elsewhere (an identity skip from the model
+input, a layer not pruned structurally) leaves its group alone. Otherwise
+a layer keeps all its units, and `structured_plan` says why: model
+outputs (their units are the model's outputs), `Concatenate`, `Reshape`,
+`LayerNormalization` (which mixes channels), softmax over the units,
+shared layers, nested models, `channels_first` layers.
 """
 
 import keras
@@ -186,117 +189,228 @@ def _passes_channels(layer):
     return False
 
 
+_ELEMENTWISE_MERGES = (
+    L.Add,
+    L.Subtract,
+    L.Average,
+    L.Maximum,
+    L.Minimum,
+    L.Multiply,
+)
+
+
+class _Space:
+    """Channels that must be removed together: the outputs of the Dense/Conv
+    layers (`members`) that meet in element-wise merges such as `Add`, or
+    of one layer alone."""
+
+    def __init__(self, member):
+        self.members = [member]
+        self.consumers = []  # (layer name, repeats after a Flatten)
+        self.per_channel = []  # BatchNormalization layer names
+        self.reason = None
+
+
 class _Plan:
     """Which units of which layers can be removed, read from the graph.
 
     Attributes:
         reasons: Layer name -> `None` if its units can be removed, else the
             reason they are kept.
-        consumers: Producer name -> list of `(layer name, repeats)`: the
-            Dense/Conv layers reading its channels, each channel repeated
-            `repeats` times after a Flatten.
-        per_channel: Producer name -> list of `(layer name, repeats)` of
-            BatchNormalization layers on the way.
+        spaces: The removable channel spaces; the members of one space lose
+            the same units.
+        space_of: Member layer name -> its removable `_Space`.
     """
 
     def __init__(self, model, structured_names):
         self.reasons = {}
-        self.consumers = {}
-        self.per_channel = {}
+        self.spaces = []
+        self.space_of = {}
         if not isinstance(model, keras.Model) or not hasattr(model, "layers"):
             return
-        top = list(model.layers)
-        readers = {}
-        shared = set()
-        for layer in top:
+        self.structured = structured_names
+        self.readers = {}
+        self.maker = {}
+        self.shared = set()
+        for layer in model.layers:
             try:
                 inputs = layer.input
+                self.maker[id(layer.output)] = layer
             except (AttributeError, ValueError):
                 inputs = None
             # `layer.input` is the first call's input even when a layer
             # is called several times; only the node count tells.
             if inputs is None or len(getattr(layer, "_inbound_nodes", ())) > 1:
-                shared.add(_base(layer).name)
+                self.shared.add(_base(layer).name)
                 continue
             if not isinstance(inputs, (list, tuple)):
                 inputs = [inputs]
             for tensor in inputs:
-                readers.setdefault(id(tensor), []).append((layer, len(inputs)))
-        outputs = {id(t) for t in getattr(model, "outputs", None) or []}
-        for layer in top:
+                self.readers.setdefault(id(tensor), []).append(
+                    (layer, len(inputs))
+                )
+        self.outputs = {id(t) for t in getattr(model, "outputs", None) or []}
+        # Union-find over layer names (members and merges).
+        self.parent = {}
+        self.found = {}
+        for layer in model.layers:
             base = _base(layer)
-            if not _is_unit_layer(layer):
+            if not _is_unit_layer(layer) or base.name not in structured_names:
                 continue
-            name = base.name
-            if name not in structured_names:
-                continue
-            reason = None
-            if name in shared:
-                reason = (
-                    "its connections are unknown: it is shared (called more "
-                    "than once) or inside a subclassed model"
+            self._node(base.name)
+            if base.name in self.shared:
+                self._fail(
+                    base.name,
+                    "its connections are unknown: it is shared (called "
+                    "more than once) or inside a subclassed model",
                 )
             elif _activation_name(base) in _CHANNEL_MIXING_ACTIVATIONS:
-                reason = "its softmax mixes its units"
+                self._fail(base.name, "its softmax mixes its units")
             else:
-                reason = self._follow(
-                    name, layer.output, 1, readers, outputs, structured_names
-                )
-            self.reasons[name] = reason
-            if reason is not None:
-                self.consumers.pop(name, None)
-                self.per_channel.pop(name, None)
+                self._follow(base.name, layer.output)
+        roots = {}
+        for name in self.found:
+            roots.setdefault(self._root(name), []).append(name)
+        for root, names in roots.items():
+            space = self.found[root]
+            space.members = [n for n in names if n in structured_names]
+            if space.reason is None and space.members:
+                self.spaces.append(space)
+            for name in space.members:
+                self.reasons[name] = self._reason(space, name)
+                if space.reason is None:
+                    self.space_of[name] = space
 
-    def _follow(self, name, tensor, repeats, readers, outputs, structured):
-        if id(tensor) in outputs:
-            return "its output is a model output"
-        users = readers.get(id(tensor), [])
+    @staticmethod
+    def _reason(space, name):
+        if space.reason is None:
+            return None
+        where, why = space.reason
+        others = sorted(set(space.members) - {name})
+        if not others:
+            return why
+        return (
+            f"its channels are merged element-wise with those of {others}, "
+            f"which must lose the same units, and at {where!r}: {why}"
+        )
+
+    def _node(self, name):
+        if name not in self.parent:
+            self.parent[name] = name
+            self.found[name] = _Space(name)
+        return self.found[self._root(name)]
+
+    def _root(self, name):
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def _union(self, a, b):
+        space_a, space_b = self._node(a), self._node(b)
+        root_a, root_b = self._root(a), self._root(b)
+        if root_a == root_b:
+            return False
+        self.parent[root_b] = root_a
+        space_a.members += space_b.members
+        space_a.consumers += space_b.consumers
+        space_a.per_channel += space_b.per_channel
+        space_a.reason = space_a.reason or space_b.reason
+        self.found[root_a] = space_a
+        return True
+
+    def _fail(self, name, reason):
+        space = self._node(name)
+        if space.reason is None:
+            space.reason = (name, reason)
+
+    def _follow(self, name, tensor, repeats=1):
+        """Walks forward from `tensor`, an output in `name`'s space."""
+        if id(tensor) in self.outputs:
+            return self._fail(name, "its output is a model output")
+        users = self.readers.get(id(tensor), [])
         if not users:
-            return "its output is not used by the model's top-level layers"
+            return self._fail(
+                name, "its output is not used by the model's top-level layers"
+            )
         for user, n_inputs in users:
             base = _base(user)
             what = f"{base.name!r} ({type(base).__name__})"
             if n_inputs != 1:
-                return (
-                    f"its output meets other tensors in {what}; a residual "
-                    "or merged branch would need one mask shared by every "
-                    "branch, which kprune does not compute"
-                )
-            if _is_unit_layer(user):
-                if base.name not in structured:
-                    return (
-                        f"it feeds {what}, which is not pruned with "
-                        "StructuredSparsity, so its inputs are not masked"
+                if not isinstance(base, _ELEMENTWISE_MERGES):
+                    return self._fail(
+                        name,
+                        f"its output meets other tensors in {what}, whose "
+                        "channels kprune cannot match",
                     )
-                self.consumers.setdefault(name, []).append((base.name, repeats))
+                if repeats != 1:
+                    return self._fail(
+                        name, f"its output reaches {what} after a Flatten"
+                    )
+                if self._union(name, base.name):
+                    self._join_merge_inputs(base.name, user)
+                    self._follow(base.name, user.output)
                 continue
-            if isinstance(base, L.Flatten):
+            if _is_unit_layer(user):
+                if base.name not in self.structured:
+                    return self._fail(
+                        name,
+                        f"it feeds {what}, which is not pruned with "
+                        "StructuredSparsity, so its inputs are not masked",
+                    )
+                self._node(name).consumers.append((base.name, repeats))
+            elif isinstance(base, L.Flatten):
                 if base.data_format != "channels_last":
-                    return f"it feeds {what} in channels_first order"
+                    return self._fail(
+                        name, f"it feeds {what} in channels_first order"
+                    )
                 spatial = base.input.shape[1:-1]
                 if None in spatial:
-                    return f"{what} has an unknown input size"
-                reason = self._follow(
+                    return self._fail(name, f"{what} has an unknown input size")
+                self._follow(
                     name,
                     user.output,
                     repeats * int(np.prod(spatial, dtype=np.int64)),
-                    readers,
-                    outputs,
-                    structured,
                 )
             elif _passes_channels(user):
                 if isinstance(base, L.BatchNormalization):
-                    self.per_channel.setdefault(name, []).append(
-                        (base.name, repeats)
-                    )
-                reason = self._follow(
-                    name, user.output, repeats, readers, outputs, structured
-                )
+                    if repeats != 1:
+                        return self._fail(
+                            name, f"it reaches {what} after a Flatten"
+                        )
+                    self._node(name).per_channel.append(base.name)
+                self._follow(name, user.output, repeats)
             else:
-                reason = f"it feeds {what}, which kprune cannot rewire"
-            if reason is not None:
-                return reason
-        return None
+                return self._fail(
+                    name, f"it feeds {what}, which kprune cannot rewire"
+                )
+
+    def _join_merge_inputs(self, merge, layer):
+        """Every input of an element-wise merge must come, through
+        per-channel layers, from a structured Dense/Conv or another merge
+        of the same space."""
+        for tensor in layer.input:
+            source = self.maker.get(id(tensor))
+            while source is not None and _passes_channels(source):
+                source = self.maker.get(id(source.input))
+            base = None if source is None else _base(source)
+            if source is not None and (
+                isinstance(base, _ELEMENTWISE_MERGES)
+                or (_is_unit_layer(source) and base.name in self.structured)
+            ):
+                self._union(merge, base.name)
+                continue
+            what = (
+                "a model input"
+                if source is None or isinstance(base, L.InputLayer)
+                else repr(base.name)
+            )
+            self._fail(
+                merge,
+                f"{merge!r} ({type(_base(layer)).__name__}) also takes "
+                f"{what}, which is not a Dense/Conv layer pruned with "
+                "StructuredSparsity, so the branches cannot share one mask",
+            )
 
     def removable(self):
         return [name for name, reason in self.reasons.items() if reason is None]
@@ -348,58 +462,61 @@ class StructuredGroup(MaskGroup):
         self.norm = first.norm
         names = {w.layer.name for w in self.wrappers}
         self.plan = _Plan(model, names)
-        self.producers = set(self.plan.removable())
-        # Masks are computed producers first: the model's top-level layers
-        # are in topological order.
-        rank = {id(layer): i for i, layer in enumerate(model.layers)}
-        self.order = sorted(
-            range(len(self.entries)),
-            key=lambda i: rank.get(id(self.entries[i][0]), len(rank)),
-        )
-        # Consumer name -> (producer name, repeats).
+        # Consumer name -> (space index, repeats after a Flatten).
         self.inputs = {}
-        for producer in self.producers:
-            for consumer, repeats in self.plan.consumers[producer]:
-                self.inputs[consumer] = (producer, repeats)
+        for index, space in enumerate(self.plan.spaces):
+            for consumer, repeats in space.consumers:
+                self.inputs[consumer] = (index, repeats)
 
     def compute_masks(self, weights, sparsity):
-        out_masks = {}
-        masks = [None] * len(weights)
-        thresholds = [None] * len(weights)
-        for position in self.order:
-            wrapper, _ = self.entries[position]
-            weight = weights[position]
-            name = wrapper.layer.name
-            threshold = ops.zeros((), "float32")
-            if not _is_unit_layer(wrapper) or len(weight.shape) < 2:
-                masks[position] = ops.ones(weight.shape, "bool")
-                thresholds[position] = threshold
-                continue
-            units = weight.shape[-1]
-            in_mask = ops.ones((weight.shape[-2],), "bool")
-            if name in self.inputs:
-                producer, repeats = self.inputs[name]
-                in_mask = ops.tile(out_masks[producer], (repeats,))
-            shape_in = [1] * (len(weight.shape) - 2) + [weight.shape[-2], 1]
-            in_mask = ops.reshape(in_mask, shape_in)
-            out_mask = ops.ones((units,), "bool")
-            if name in self.producers:
-                values = ops.where(
-                    in_mask, ops.cast(weight, "float32"), ops.zeros(())
+        # Units are ranked by the norms of the raw kernels; the members of
+        # a space (layers added element-wise) rank them by the sum of
+        # their norms and share one mask.
+        names = [wrapper.layer.name for wrapper, _ in self.entries]
+        space_masks, space_thresholds = [], []
+        for space in self.plan.spaces:
+            total = None
+            for name in space.members:
+                weight = weights[names.index(name)]
+                values = ops.reshape(
+                    ops.cast(weight, "float32"), (-1, weight.shape[-1])
                 )
-                values = ops.reshape(values, (-1, units))
                 if self.norm == "l1":
                     scores = ops.sum(ops.abs(values), axis=0)
                 else:
                     scores = ops.sqrt(ops.sum(ops.square(values), axis=0))
-                out_mask, threshold = masking.top_k_mask(
-                    scores, masking.kept_count(units, sparsity)
-                )
-                out_masks[name] = out_mask
-            shape_out = [1] * (len(weight.shape) - 1) + [units]
-            mask = ops.logical_and(in_mask, ops.reshape(out_mask, shape_out))
-            masks[position] = ops.broadcast_to(mask, weight.shape)
-            thresholds[position] = threshold
+                total = scores if total is None else total + scores
+            units = total.shape[0]
+            mask, threshold = masking.top_k_mask(
+                total, masking.kept_count(units, sparsity)
+            )
+            space_masks.append(mask)
+            space_thresholds.append(threshold)
+        masks, thresholds = [], []
+        for (wrapper, _), weight in zip(self.entries, weights):
+            name = wrapper.layer.name
+            if not _is_unit_layer(wrapper) or len(weight.shape) < 2:
+                masks.append(ops.ones(weight.shape, "bool"))
+                thresholds.append(ops.zeros((), "float32"))
+                continue
+            rank = len(weight.shape)
+            in_mask = ops.ones((weight.shape[-2],), "bool")
+            if name in self.inputs:
+                index, repeats = self.inputs[name]
+                in_mask = ops.tile(space_masks[index], (repeats,))
+            out_mask = ops.ones((weight.shape[-1],), "bool")
+            threshold = ops.zeros((), "float32")
+            space = self.plan.space_of.get(name)
+            if space is not None:
+                index = self.plan.spaces.index(space)
+                out_mask = space_masks[index]
+                threshold = space_thresholds[index]
+            mask = ops.logical_and(
+                ops.reshape(in_mask, [1] * (rank - 2) + [-1, 1]),
+                ops.reshape(out_mask, [1] * (rank - 1) + [-1]),
+            )
+            masks.append(ops.broadcast_to(mask, weight.shape))
+            thresholds.append(threshold)
         return masks, thresholds
 
 
@@ -412,7 +529,8 @@ def shrink_model(model):
     """Removes the units pruned by `StructuredSparsity`: a smaller model.
 
     Every Dense/Conv layer that `structured_plan` marks removable loses its
-    masked units (kernel columns or filters, and their biases); the layers
+    masked units (kernel columns or filters, and their biases; layers added
+    element-wise lose the same ones); the layers
     that read them lose the matching input rows (after a Flatten, every
     spatial position of each removed channel), and BatchNormalization
     layers between lose those channels. The result is a plain Keras model,
@@ -454,15 +572,17 @@ def shrink_model(model):
         )
     plan = _Plan(model, names)
     wrappers = {w.layer.name: w for w in collect_pruned_layers(model)}
-    kept = {name: _kept_units(wrappers[name]) for name in plan.removable()}
     out_keep, in_keep, channel_keep = {}, {}, {}
-    for producer, keep in kept.items():
-        out_keep[producer] = keep
-        units = wrappers[producer].layer.kernel.shape[-1]
-        for consumer, repeats in plan.consumers[producer]:
+    for space in plan.spaces:
+        # The members of a space share their mask: read it from one.
+        keep = _kept_units(wrappers[space.members[0]])
+        units = wrappers[space.members[0]].layer.kernel.shape[-1]
+        for member in space.members:
+            out_keep[member] = keep
+        for consumer, repeats in space.consumers:
             flat = np.arange(units * repeats).reshape(repeats, units)
             in_keep[consumer] = flat[:, keep].ravel()
-        for layer_name, _ in plan.per_channel.get(producer, []):
+        for layer_name in space.per_channel:
             channel_keep[layer_name] = keep
     stripped = strip_pruning(model)
 
