@@ -29,7 +29,8 @@ def test_mixed_precision_prunes_float32_weights_to_exact_zeros(policy):
         )
     )
     x, y = classification_data()
-    assert pruned(x[:2]).dtype == policy.removeprefix("mixed_")
+    output = pruned(x[:2])
+    assert keras.backend.standardize_dtype(output.dtype) == policy[6:]
     fit_pruned(pruned, x, y, epochs=2)
     assert steps(pruned) == [16, 16]
     for layer in collect_pruned_layers(pruned):

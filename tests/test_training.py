@@ -146,6 +146,13 @@ def test_user_weight_constraints_still_apply():
     )
 
 
+# Keras's torch trainer runs one step per execution.
+multi_step_executions = pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="steps_per_execution > 1 is not supported on torch",
+)
+
+
 def train_seeded_mlp(schedule, n, **compile_kwargs):
     """One epoch of a seeded MLP; returns its pruned weights and steps."""
     keras.utils.set_random_seed(7)
@@ -345,6 +352,7 @@ def test_model_built_lazily_in_fit_is_driven_from_step_one():
     assert [zeros[0] > 0 for zeros in record.zeros] == [True] * 4
 
 
+@multi_step_executions
 def test_steps_per_execution_follows_the_schedule_per_step():
     schedule = kprune.PolynomialDecay(0.2, 0.9, 0, 10, frequency=3)
     one, one_steps = train_seeded_mlp(schedule, 40, steps_per_execution=1)
@@ -403,6 +411,7 @@ def test_m_by_n_groups_input_channels_of_transposed_convolutions():
     assert ((groups != 0).sum(axis=-1) == 2).all()
 
 
+@multi_step_executions
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_mask_update_due_inside_an_execution_chunk_happens_at_its_step(
     jit_compile,
@@ -420,3 +429,22 @@ def test_mask_update_due_inside_an_execution_chunk_happens_at_its_step(
         np.testing.assert_array_equal(m1, m2)
         np.testing.assert_allclose(w1, w2, atol=1e-5)
         assert m1.sum() == reference_kept(m1.size, 0.5)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="JAX advances the step in call"
+)
+def test_jax_model_that_drops_training_says_to_pass_it_on():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = kprune.prune_low_magnitude(layers.Dense(4))
+            self.head = layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.hidden(x))
+
+    net = compile_classifier(Net())
+    x, y = classification_data()
+    with pytest.raises(RuntimeError, match="training=training"):
+        fit_pruned(net, x, y)
