@@ -4,19 +4,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-all lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,backends]"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) examples/prune_fashion_mnist.py
 
+# The backend comes from KERAS_BACKEND (tensorflow when unset).
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed
+	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
+	KERAS_BACKEND=jax $(PY) -m pytest $(PYTEST_ARGS)
+	KERAS_BACKEND=torch $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples benchmarks

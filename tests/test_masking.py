@@ -1,11 +1,12 @@
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from keras import ops
 
 from kprune import masking
 from testing import reference_kept
 from testing import reference_magnitude_mask
+from testing import xla_compile
 
 
 def as_np(x):
@@ -125,7 +126,7 @@ def test_m_by_n_handles_channel_count_not_divisible_by_n(
 def test_masks_are_identical_under_xla():
     weights = np.random.default_rng(6).normal(size=(32, 16)).astype("float32")
 
-    @tf.function(jit_compile=True)
+    @xla_compile
     def compiled(w, s):
         return (
             masking.magnitude_mask(w, s)[0],
@@ -133,7 +134,10 @@ def test_masks_are_identical_under_xla():
             masking.m_by_n_mask(w, (2, 4))[0],
         )
 
-    got = compiled(tf.constant(weights), tf.constant(0.7))
+    got = compiled(
+        keras.ops.convert_to_tensor(weights),
+        keras.ops.convert_to_tensor(0.7, "float32"),
+    )
     expected = (
         masking.magnitude_mask(weights, 0.7)[0],
         masking.block_mask(weights, 0.7, (2, 2), "MAX")[0],

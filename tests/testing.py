@@ -14,6 +14,20 @@ requires_tensorflow = pytest.mark.skipif(
 )
 
 
+def xla_compile(fn):
+    """`fn` compiled with XLA by the backend (skips on torch)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    pytest.skip(f"no XLA compiler on the {backend} backend")
+
+
 def mlp(inputs=8, hidden=16, outputs=3):
     return keras.Sequential(
         [

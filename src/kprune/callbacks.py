@@ -44,9 +44,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
     """Drives the pruning schedule; required when training a pruned model.
 
     At the start of training it readies every pruned layer. The step then
-    advances inside the compiled training step, once per optimizer update:
-    a new layer's step goes from -1 (never trained) to 1 at the first
-    batch, and a loaded one continues from its saved step. At the end
+    advances inside the compiled training step, once per optimizer update
+    (on JAX, once per training-mode call of the layer in a step): a new
+    layer's step goes from -1 (never trained) to 1 at the first batch, and
+    a loaded one continues from its saved step. At the end
     of each epoch it adds the model's current sparsity to the logs as
     `"sparsity"` (shown by the progress bar and kept in `History`).
 

@@ -13,6 +13,7 @@ even if an optimizer visits the variables in another order.
 """
 
 from keras import ops
+from keras.backend import backend
 
 
 class MaskGroup:
@@ -99,6 +100,19 @@ def connect_groups(model, wrappers):
             global_groups.setdefault(schedule.group, []).append(wrapper)
         elif isinstance(schedule, structured.StructuredSparsity):
             structured_wrappers.append(wrapper)
+    if (global_groups or structured_wrappers) and backend() == "jax":
+        names = [
+            w.name
+            for w in [*sum(global_groups.values(), []), *structured_wrappers]
+        ]
+        raise RuntimeError(
+            "`kprune.GlobalSparsity` and `kprune.StructuredSparsity` compute "
+            "masks across layers inside the optimizer update, which the JAX "
+            "backend does not support yet (there the update cannot write "
+            f"masks). Layers using them: {names}. Use the TensorFlow or "
+            "torch backend, or per-layer targets on JAX, for example "
+            "`kprune.per_layer_schedules(kprune.erk_sparsities(...))`."
+        )
     for members in global_groups.values():
         group = allocation.GlobalMagnitudeGroup(members)
         for wrapper in members:

@@ -7,6 +7,15 @@ and sets the weights outside the mask to zero. So masks change inside the
 compiled training step (no host round trip), and pruned weights are exactly
 zero after every optimizer update, which is when callbacks and checkpoints
 see them. The forward pass is the wrapped layer's own, with no extra work.
+
+On JAX the optimizer update is a pure function of the trainable and
+optimizer variables (`optimizer.stateless_apply`): state assigned there is
+dropped, and other variables read there are constants of the compiled step.
+So on JAX the layer's training-mode call advances the step and recomputes
+masks (from the weights as the step starts; non-trainable state changed in
+a call is what JAX training threads through), and the constraint zeros the
+updated weights with those masks, which the call handed it within the same
+trace.
 """
 
 import keras
@@ -17,6 +26,10 @@ from kprune import masking
 from kprune import registry
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PruningSchedule
+
+# Where the step advances: in the layer's training call (JAX), or in the
+# constraint, right after the optimizer update (TensorFlow, torch).
+STEP_IN_CALL = keras.backend.backend() == "jax"
 
 # tfmot's default; schedules are immutable, so one instance is shared.
 DEFAULT_SCHEDULE = ConstantSparsity(0.5, 0)
@@ -30,6 +43,15 @@ MISSING_CALLBACK_MESSAGE = (
     "step whose first trace failed). No weight was changed. In a custom "
     "training loop, create the callback and call `callback.set_model(model)` "
     "and `callback.on_train_begin()` once before the first step."
+)
+
+NOT_TRAINING_MESSAGE = (
+    "Pruned layer {name!r} was updated by the optimizer without having been "
+    "called with `training=True` in the same training step. On the JAX "
+    "backend the pruning step advances in the layer's training-mode call, "
+    "so every model between `fit` and the pruned layer must pass `training` "
+    "on: give a subclassed model's `call` a `training=None` argument and "
+    "call its layers with `training=training`."
 )
 
 
@@ -113,14 +135,65 @@ def _symbolic(value):
     )
 
 
+def _new_mask(wrapper, weight, sparsity):
+    return masking.compute_mask(
+        weight,
+        sparsity,
+        block_size=wrapper.block_size,
+        pooling_type=wrapper.block_pooling_type,
+        m_by_n=wrapper.sparsity_m_by_n,
+        m_by_n_axis=registry.input_channel_axis(wrapper.layer),
+    )
+
+
+def _update_mask(wrapper, index, weight, should_prune, sparsity):
+    """Returns the mask for `weight`, recomputed when `should_prune`."""
+    _, mask_var, threshold_var = wrapper.pruning_vars[index]
+
+    # Masks are written only on pruning steps: on the others the cost is
+    # one masked select of the weight.
+    def update():
+        mask, threshold = _new_mask(wrapper, weight, sparsity)
+        mask_var.assign(mask)
+        threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
+        return mask
+
+    def keep():
+        return ops.convert_to_tensor(mask_var)
+
+    return ops.cond(should_prune, update, keep)
+
+
+def _update_mask_functional(wrapper, index, weight, should_prune, sparsity):
+    """`_update_mask` for JAX, which cannot assign inside a `cond` branch."""
+    _, mask_var, threshold_var = wrapper.pruning_vars[index]
+
+    def update():
+        mask, threshold = _new_mask(wrapper, weight, sparsity)
+        return mask, ops.cast(threshold, "float32")
+
+    def keep():
+        return (
+            ops.convert_to_tensor(mask_var),
+            ops.convert_to_tensor(threshold_var),
+        )
+
+    mask, threshold = ops.cond(should_prune, update, keep)
+    mask_var.assign(mask)
+    threshold_var.assign(threshold)
+    return mask
+
+
 class _PruningConstraint:
     """Applied by the optimizer to a pruned weight after each update."""
 
-    def __init__(self, wrapper, index, original, advances_step):
+    def __init__(self, wrapper, index, original, advances_step, last=True):
         self.wrapper = wrapper
         self.index = index
         self.original = original
         self.advances_step = advances_step
+        # The last constraint the optimizer applies for this layer.
+        self.last = last
 
     def __call__(self, weight):
         wrapper = self.wrapper
@@ -131,6 +204,9 @@ class _PruningConstraint:
         if self.original is not None:
             weight = self.original(weight)
         weight = ops.convert_to_tensor(weight)
+        if STEP_IN_CALL:
+            mask = wrapper._current_mask(self.index, done=self.last)
+            return ops.where(mask, weight, ops.zeros((), weight.dtype))
         if self.advances_step:
             # -1 (never trained) also becomes 1: the first batch is step 1.
             wrapper.pruning_step.assign(
@@ -149,28 +225,8 @@ class _PruningConstraint:
                 "connects it: use the callback in `fit`, or call "
                 "`set_model(model)` and `on_train_begin()` in a custom loop."
             )
-        _, mask_var, threshold_var = wrapper.pruning_vars[self.index]
         should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
-
-        # Masks are written only on pruning steps: on the others the cost
-        # is one masked select of the weight.
-        def update():
-            mask, threshold = masking.compute_mask(
-                weight,
-                sparsity,
-                block_size=wrapper.block_size,
-                pooling_type=wrapper.block_pooling_type,
-                m_by_n=wrapper.sparsity_m_by_n,
-                m_by_n_axis=registry.input_channel_axis(wrapper.layer),
-            )
-            mask_var.assign(mask)
-            threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
-            return mask
-
-        def keep():
-            return ops.convert_to_tensor(mask_var)
-
-        mask = ops.cond(should_prune, update, keep)
+        mask = _update_mask(wrapper, self.index, weight, should_prune, sparsity)
         return ops.where(mask, weight, ops.zeros((), weight.dtype))
 
 
@@ -232,6 +288,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 sparsity_m_by_n,
             )
         kwargs.setdefault("name", f"prune_low_magnitude_{layer.name}")
+        # Under mixed precision the wrapper computes in the variables' dtype,
+        # so masks come from the float32 weights; the wrapped layer still
+        # computes in float16 or bfloat16.
+        kwargs.setdefault("dtype", layer.dtype_policy.variable_dtype)
         super().__init__(layer, **kwargs)
         self.pruning_schedule = pruning_schedule
         self.block_size = block_size
@@ -243,6 +303,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         # Set by `UpdatePruningStep` for layers whose masks are computed
         # together with other layers' (see `kprune.groups`).
         self._mask_group = None
+        # JAX: (step, masks) of the training step being traced.
+        self._step_state = None
         # tfmot code writes `Sequential([prune_low_magnitude(Dense(2,
         # input_shape=...))])`; Sequential reads the legacy input shape from
         # its first layer, which is now the wrapper.
@@ -317,12 +379,13 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             if id(w) in trainable
         )
         clock = order[0][1] if order else None
+        last = order[-1][1] if order else None
         for i, (weight, _, _) in enumerate(self.pruning_vars):
             original = weight.constraint
             if isinstance(original, _PruningConstraint):
                 original = original.original
             weight.constraint = _PruningConstraint(
-                self, i, original, advances_step=(i == clock)
+                self, i, original, advances_step=(i == clock), last=(i == last)
             )
 
     def call(self, inputs, *args, training=None, **kwargs):
@@ -330,6 +393,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         # stops `fit` before any update, and leaves the model trainable.
         if training and not self._step_driven:
             raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
+        if training and STEP_IN_CALL:
+            self._advance_step()
         # The wrapped layer reads `training` from the call context.
         return self.layer(inputs, *args, **kwargs)
 
@@ -386,6 +451,40 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "Nothing was loaded into this layer."
             )
         super().load_own_variables(store)
+
+    def _advance_step(self):
+        """Advances the step and updates masks, once per training step."""
+        current = self.pruning_step.value
+        # A layer called twice in one step sees the step it assigned.
+        if self._step_state is not None and self._step_state[0] is current:
+            return
+        step = ops.maximum(current, 0) + 1
+        self.pruning_step.assign(step)
+        should_prune, sparsity = self.pruning_schedule(step)
+        masks = [
+            # The mask math has no gradient, so its results belong to the
+            # enclosing compiled step, where the constraint uses them.
+            _update_mask_functional(
+                self,
+                i,
+                ops.stop_gradient(ops.convert_to_tensor(weight)),
+                should_prune,
+                sparsity,
+            )
+            for i, (weight, _, _) in enumerate(self.pruning_vars)
+        ]
+        self._step_state = (self.pruning_step.value, masks)
+
+    def _current_mask(self, index, done):
+        """The mask this training step's call computed (JAX)."""
+        state = self._step_state
+        if done:
+            # The next call starts a new step, even if it sees the same
+            # step value (eager training passes values through unchanged).
+            self._step_state = None
+        if state is None:
+            raise RuntimeError(NOT_TRAINING_MESSAGE.format(name=self.name))
+        return state[1][index]
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
