@@ -53,6 +53,31 @@ def _copy_weights(pairs):
             new.set_weights(old.get_weights())
 
 
+def _schedule_map(schedules):
+    """Validates a dict of layer name to schedule (or sparsity)."""
+    result = {}
+    for name, value in schedules.items():
+        if not isinstance(name, str):
+            raise ValueError(
+                "The keys of a per-layer `pruning_schedule` dict must be "
+                f"layer names. Received the key {name!r}."
+            )
+        if isinstance(value, PruningSchedule):
+            result[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            PruningSchedule._validate_sparsity(
+                value, f"pruning_schedule[{name!r}]"
+            )
+            result[name] = ConstantSparsity(float(value), begin_step=0)
+        else:
+            raise ValueError(
+                f"Argument `pruning_schedule[{name!r}]` must be a "
+                "`kprune.PruningSchedule` or a sparsity in [0, 1). "
+                f"Received: {value!r}"
+            )
+    return result
+
+
 class _Selection:
     """Which layers to prune, and with which arguments (`layers=`)."""
 
@@ -305,6 +330,10 @@ def prune_low_magnitude(
         to_prune: A Keras layer, a list of layers, or a model.
         pruning_schedule: A `kprune.PruningSchedule`: when to prune and to
             which sparsity.
+            For a model, it may also be a dict of layer name to schedule
+            (or to a sparsity `s`, meaning `ConstantSparsity(s, 0)`): each
+            named layer gets its own schedule and the layers not named stay
+            dense; see `kprune.per_layer_schedules`.
         block_size: `(height, width)` of blocks of a rank-2 weight pruned
             together; `(1, 1)` (default) prunes single weights.
         block_pooling_type: `"AVG"` or `"MAX"`: how a block's magnitudes
@@ -347,6 +376,36 @@ def prune_low_magnitude(
     pruned.fit(x, y, callbacks=[kprune.UpdatePruningStep()])
     ```
     """
+    if isinstance(pruning_schedule, dict):
+        if not _is_model(to_prune):
+            raise ValueError(
+                "A per-layer `pruning_schedule` dict applies to whole models "
+                f"only. Received a {type(to_prune).__name__}: pass a "
+                "schedule instead."
+            )
+        if layers is not None:
+            raise ValueError(
+                "Pass per-layer schedules either as a `pruning_schedule` "
+                "dict or through `layers`, not both. Received both."
+            )
+        schedules = _schedule_map(pruning_schedule)
+        prunable = {
+            layer.name
+            for layer in to_prune._flatten_layers()
+            if registry.status(layer) == registry.PRUNABLE
+        }
+        unknown = sorted(set(schedules) - prunable)
+        if unknown:
+            raise ValueError(
+                "Argument `pruning_schedule` names layers that are not "
+                f"prunable layers of the model: {unknown}. Prunable layers: "
+                f"{sorted(prunable)}"
+            )
+        layers = {
+            name: {"pruning_schedule": schedule}
+            for name, schedule in schedules.items()
+        }
+        pruning_schedule = DEFAULT_SCHEDULE
     validate_schedule(pruning_schedule)
     block_size, block_pooling_type, sparsity_m_by_n = validate_pruning_args(
         block_size, block_pooling_type, sparsity_m_by_n

@@ -136,6 +136,19 @@ class _PruningConstraint:
             wrapper.pruning_step.assign(
                 ops.maximum(wrapper.pruning_step, 0) + 1
             )
+        if wrapper._mask_group is not None:
+            # Masks that depend on other layers' weights (global magnitude,
+            # structured pruning) are computed by the group.
+            return wrapper._mask_group.constrain(self, weight)
+        if getattr(wrapper.pruning_schedule, "needs_group", False):
+            raise RuntimeError(
+                f"Pruned layer {wrapper.name!r} uses "
+                f"{type(wrapper.pruning_schedule).__name__}, whose masks are "
+                "computed across layers, but it was not connected to its "
+                "group. `kprune.UpdatePruningStep().on_train_begin()` "
+                "connects it: use the callback in `fit`, or call "
+                "`set_model(model)` and `on_train_begin()` in a custom loop."
+            )
         _, mask_var, threshold_var = wrapper.pruning_vars[self.index]
         should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
 
@@ -227,6 +240,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.pruning_vars = []
         # Set by `UpdatePruningStep`; checked when training starts.
         self._step_driven = False
+        # Set by `UpdatePruningStep` for layers whose masks are computed
+        # together with other layers' (see `kprune.groups`).
+        self._mask_group = None
         # tfmot code writes `Sequential([prune_low_magnitude(Dense(2,
         # input_shape=...))])`; Sequential reads the legacy input shape from
         # its first layer, which is now the wrapper.
