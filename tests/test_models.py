@@ -161,6 +161,7 @@ def test_subclassed_model_resumes_from_save_weights(tmp_path):
     fresh = compile_classifier(
         kprune.prune_low_magnitude(built_net(), schedule)
     )
+    fresh.optimizer.build(fresh.trainable_variables)  # to restore its state
     fresh.load_weights(tmp_path / "net.weights.h5")
     assert steps(fresh) == [8, 8, 8, 8]
     for (w1, m1), (w2, m2) in zip(pruned_weights(net), pruned_weights(fresh)):
