@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean bench bench-full
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Speed and memory vs tfmot 0.8.1 and plain Keras (about 20 minutes; the
+# full run about an hour). Tables: benchmarks/README.md.
+bench: $(VENV)/.installed
+	bash benchmarks/bench.sh
+
+bench-full: $(VENV)/.installed
+	bash benchmarks/bench.sh --full
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples benchmarks
