@@ -3,8 +3,12 @@
 Trains the tutorial's small convolutional classifier on Fashion-MNIST,
 prunes it from 50% to 80% sparsity for 2 epochs with `PolynomialDecay`
 (logging to TensorBoard), strips the pruning wrappers and reports test
-accuracy before and after, per-layer sparsity, and zipped file sizes of
-the dense and pruned weights.
+accuracy before and after, per-layer sparsity (`kprune.summary`), and the
+file sizes of every export: dense and pruned Keras weights (raw and
+zipped), kprune's compact format (float32 and int8) and LiteRT (sparse,
+and sparse with dynamic-range quantization). With matplotlib installed it
+also writes plots: sparsity per layer, the schedule, and the mask of the
+Dense kernel.
 
 Data: the Debian package `dataset-fashion-mnist`
 (/usr/share/datasets/fashion-mnist), else `keras.datasets.fashion_mnist`
@@ -81,6 +85,54 @@ def layer_sparsity(model):
                     (weight.path, values.size, float(np.mean(values == 0)))
                 )
     return rows
+
+
+SIZE_ROWS = [
+    ("Keras weights, dense", "dense_bytes"),
+    ("Keras weights, pruned", "pruned_bytes"),
+    ("kprune compact, float32 (bit-exact)", "compact_bytes"),
+    ("kprune compact, int8", "compact_int8_bytes"),
+    ("LiteRT, sparse", "litert_bytes"),
+    ("LiteRT, sparse + dynamic range int8", "litert_dynamic_range_bytes"),
+]
+
+
+def write_exports(stripped, out):
+    """Writes the compact and LiteRT files; returns their sizes."""
+    sizes = {}
+    for key, quantize in [("compact", None), ("compact_int8", "int8")]:
+        path = os.path.join(out, f"pruned_{key}.h5")
+        kprune.save_compact(stripped, path, quantize=quantize)
+        sizes[f"{key}_bytes"] = os.path.getsize(path)
+    if keras.backend.backend() == "tensorflow":
+        for key, quantize in [
+            ("litert", None),
+            ("litert_dynamic_range", "dynamic_range"),
+        ]:
+            path = os.path.join(out, f"pruned_{key}.tflite")
+            kprune.export_litert(stripped, path, quantize=quantize)
+            sizes[f"{key}_bytes"] = os.path.getsize(path)
+            sizes[f"{key}_zipped_bytes"] = zipped_size(path)
+    return sizes
+
+
+def write_plots(stripped, schedule, end_step, out):
+    """Writes the sparsity, schedule and mask plots if matplotlib is there."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    directory = os.path.join(out, "plots")
+    os.makedirs(directory, exist_ok=True)
+    paths = [
+        os.path.join(directory, name)
+        for name in ("sparsity.png", "schedule.png", "dense_kernel_mask.png")
+    ]
+    kprune.plot_sparsity(stripped, paths[0])
+    kprune.plot_schedule(schedule, end_step + end_step // 10 + 1, paths[1])
+    kprune.plot_mask(stripped.layers[-1].kernel, paths[2])
+    return paths
 
 
 def main(argv=None):
@@ -161,6 +213,8 @@ def main(argv=None):
     pruned_path = os.path.join(args.out, "pruned.weights.h5")
     save_plain_weights(stripped, pruned_path)
     stripped.save(os.path.join(args.out, "pruned.keras"))
+    exports = write_exports(stripped, args.out)
+    plots = write_plots(stripped, schedule, end_step, args.out)
 
     results = {
         "data": source,
@@ -174,6 +228,8 @@ def main(argv=None):
             {"weight": path, "parameters": size, "sparsity": sparsity}
             for path, size, sparsity in layer_sparsity(stripped)
         ],
+        **exports,
+        "plots": plots,
         "tensorboard_logs": log_dir,
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -182,22 +238,18 @@ def main(argv=None):
     print()
     print(f"Test accuracy, dense:  {dense_accuracy:.4f}")
     print(f"Test accuracy, pruned: {pruned_accuracy:.4f}")
-    print("Per-layer sparsity of the stripped model:")
-    for row in results["layers"]:
-        print(
-            f"  {row['weight']:<24} {row['parameters']:>7} weights  "
-            f"{row['sparsity']:.1%} zeros"
-        )
-    print(
-        f"Weights file, dense:  {results['dense_bytes']:>8} bytes, "
-        f"zipped {results['dense_zipped_bytes']:>8} bytes"
-    )
-    print(
-        f"Weights file, pruned: {results['pruned_bytes']:>8} bytes, "
-        f"zipped {results['pruned_zipped_bytes']:>8} bytes "
-        f"({results['dense_zipped_bytes'] / results['pruned_zipped_bytes']:.2f}"
-        "x smaller)"
-    )
+    print("Sparsity of the stripped model (kprune.summary):")
+    kprune.summary(stripped, print_fn=lambda line: print("  " + line))
+    print("File sizes (bytes):")
+    for label, key in SIZE_ROWS:
+        if key in results:
+            zipped = results.get(key.replace("_bytes", "_zipped_bytes"))
+            print(
+                f"  {label:<40} {results[key]:>9}"
+                + (f"   zipped {zipped:>9}" if zipped else "")
+            )
+    for path in plots:
+        print(f"Plot: {path}")
     print(f"TensorBoard: tensorboard --logdir {log_dir}")
     return results
 

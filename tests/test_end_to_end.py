@@ -97,6 +97,10 @@ def test_example_runs_end_to_end_and_reports_sizes(tmp_path):
     assert "Test accuracy, pruned" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["pruned_zipped_bytes"] < results["dense_zipped_bytes"] / 2
+    assert results["compact_bytes"] < results["pruned_zipped_bytes"]
+    assert results["compact_int8_bytes"] < results["compact_bytes"]
+    assert all(pathlib.Path(p).stat().st_size > 0 for p in results["plots"])
+    assert len(results["plots"]) == 3
     assert [round(row["sparsity"], 2) for row in results["layers"]] == [
         0.8,
         0.8,

@@ -1,0 +1,92 @@
+"""LiteRT (TensorFlow Lite) export that keeps sparse weights sparse."""
+
+import os
+
+import keras
+
+from kprune.compression import _plain_model
+
+LITERT_QUANTIZE_OPTIONS = (None, "dynamic_range")
+
+
+def export_litert(
+    model, filepath, quantize: str | None = None, **kwargs
+) -> None:
+    """Exports a pruned model to a LiteRT (`.tflite`) file, sparse.
+
+    Runs `model.export(filepath, format="litert")` with the converter's
+    `tf.lite.Optimize.EXPERIMENTAL_SPARSITY` optimization, which stores
+    sparse constant weights (such as pruned Dense kernels) in TFLite's
+    sparse tensor format instead of as dense arrays of zeros. Pruned models
+    (with `PruneLowMagnitude` wrappers) are stripped first.
+
+    Needs the TensorFlow backend. The file runs in the LiteRT interpreter
+    (`ai_edge_litert.interpreter.Interpreter`, or `tf.lite.Interpreter`).
+    With TensorFlow 2.21, a file both sparse and dynamic-range quantized
+    fails to prepare under the default XNNPACK delegate; run it with
+    `experimental_op_resolver_type=tf.lite.experimental.OpResolverType.
+    BUILTIN_WITHOUT_DEFAULT_DELEGATES` (see docs/export.md).
+
+    Args:
+        model: A Keras model, pruned or stripped.
+        filepath: Path of the file to write; must end with `.tflite`.
+        quantize: `None` to keep float32 weights, or `"dynamic_range"` to
+            also quantize weights to int8 (`tf.lite.Optimize.DEFAULT`
+            without a representative dataset: activations stay float).
+        **kwargs: Other LiteRT converter settings, passed to
+            `model.export` (for example `representative_dataset`).
+            `optimizations` is set by this function.
+
+    Raises:
+        ValueError: If `model` is not a Keras model, `filepath` does not end
+            with `.tflite`, `quantize` is not one of the options, or
+            `optimizations` is passed.
+        RuntimeError: If the Keras backend is not TensorFlow.
+
+    Example:
+
+    ```python
+    kprune.export_litert(pruned_model, "model.tflite")
+    kprune.export_litert(
+        pruned_model, "model_int8.tflite", quantize="dynamic_range"
+    )
+    ```
+    """
+    if quantize not in LITERT_QUANTIZE_OPTIONS:
+        raise ValueError(
+            'Argument `quantize` must be None or "dynamic_range". '
+            f"Received: quantize={quantize!r}"
+        )
+    filepath = os.fspath(filepath)
+    if not filepath.endswith(".tflite"):
+        raise ValueError(
+            "Argument `filepath` must end with `.tflite`. "
+            f"Received: filepath={filepath!r}"
+        )
+    if "optimizations" in kwargs:
+        raise ValueError(
+            "Argument `optimizations` is set by `kprune.export_litert`; use "
+            "`quantize` to choose quantization. Received: "
+            f"optimizations={kwargs['optimizations']!r}"
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "`kprune.export_litert` needs the TensorFlow backend (it uses "
+            "the TensorFlow Lite converter's sparsity optimization). "
+            f"Received backend: {keras.backend.backend()!r}. Set "
+            "KERAS_BACKEND=tensorflow, or save the weights with "
+            "`kprune.save_compact` instead."
+        )
+    import tensorflow as tf
+
+    model = _plain_model(model)
+    optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    if quantize == "dynamic_range":
+        optimizations.append(tf.lite.Optimize.DEFAULT)
+    model.export(
+        filepath,
+        format="litert",
+        verbose=False,
+        optimizations=optimizations,
+        **kwargs,
+    )
