@@ -31,11 +31,27 @@ EXPORT_NAMES = {
     "summary",
 }
 
+# Beyond tfmot: allocation, structured pruning, sensitivity.
+BEYOND_TFMOT_NAMES = {
+    "GlobalSparsity",
+    "erk_sparsities",
+    "per_layer_schedules",
+    "prunable_layer_names",
+    "StructuredSparsity",
+    "shrink_model",
+    "structured_plan",
+    "sensitivity_analysis",
+    "SensitivityResult",
+}
+
 
 def test_all_lists_the_tfmot_names_and_only_public_names():
     assert TFMOT_NAMES <= set(kprune.__all__)
     assert set(kprune.__all__) == (
-        TFMOT_NAMES | {"PruneLowMagnitude"} | EXPORT_NAMES
+        TFMOT_NAMES
+        | {"PruneLowMagnitude", "register_prunable_layer"}
+        | EXPORT_NAMES
+        | BEYOND_TFMOT_NAMES
     )
     for name in kprune.__all__:
         assert hasattr(kprune, name)
@@ -62,5 +78,6 @@ def test_prune_low_magnitude_keeps_the_tfmot_signature():
         "block_pooling_type",
         "sparsity_m_by_n",
         "pruning_policy",
+        "layers",
         "kwargs",
     ]

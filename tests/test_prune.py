@@ -250,23 +250,6 @@ def test_tfmot_clone_function_pattern_prunes_only_chosen_layers():
     assert (dense_kernel == 0).mean() == pytest.approx(0.5, abs=0.01)
 
 
-def test_subclassed_model_gets_a_clear_error_and_stays_unchanged():
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = layers.Dense(3)
-
-        def call(self, x):
-            return self.dense(x)
-
-    net = Net()
-    net(np.zeros((1, 4), "float32"))
-    for function in (kprune.prune_low_magnitude, kprune.strip_pruning):
-        with pytest.raises(ValueError, match="subclassed model"):
-            function(net)
-    assert net.dense.kernel.constraint is None
-
-
 def test_pattern_arguments_apply_only_to_layers_being_wrapped():
     conv = kprune.prune_low_magnitude(layers.Conv2D(4, 3))
     model = keras.Sequential(

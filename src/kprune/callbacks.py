@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kprune import groups
 from kprune.wrapper import collect_pruned_layers
 
 
@@ -73,6 +74,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self.prunable_layers = collect_pruned_layers(self.model)
         for layer in self.prunable_layers:
             layer._step_driven = True
+        groups.connect_groups(self.model, self.prunable_layers)
 
     def on_train_end(self, logs=None):
         for layer in self.prunable_layers:

@@ -7,6 +7,7 @@ own. A mask is `True` where a weight is kept.
 
 import math
 
+import keras
 from keras import ops
 
 
@@ -27,31 +28,156 @@ def kept_count(size: int, sparsity):
     return ops.maximum(ops.cast(ops.round(dense), "int32"), 1)
 
 
+def _histogram(digits, length):
+    """Counts of each value in `[0, length)` of a non-negative int32 tensor.
+
+    Values `>= length` are not counted. `length` is a Python int, so the
+    output shape is static: the histogram compiles under XLA and `jax.jit`.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        # `ops.bincount` sizes its output from the data (no XLA), and
+        # TensorFlow's segment sum is ~20x slower than its bincount on CPU.
+        import tensorflow as tf
+
+        return tf.raw_ops.DenseBincount(
+            input=digits,
+            size=length,
+            weights=tf.zeros((0,), "int32"),
+            binary_output=False,
+        )
+    if backend == "torch":
+        digits = ops.minimum(digits, length)
+        return ops.bincount(digits, minlength=length + 1)[:length]
+    # Segment sums drop the out-of-range segment ids.
+    return ops.segment_sum(
+        ops.ones_like(digits), digits, num_segments=length, sorted=False
+    )
+
+
+def _digit_widths(total_bits, size):
+    """Radix digit widths, most significant first, for `total_bits` keys.
+
+    Tensors of 2^16 entries or more take 16-bit digits (2 passes over
+    float32 bits); smaller ones 11-bit digits (3 passes), where 64k-bucket
+    histograms would cost more than the extra pass.
+    """
+    max_bits = 16 if size >= 2**16 else 11
+    passes = max(1, math.ceil(total_bits / max_bits))
+    base, extra = divmod(total_bits, passes)
+    return [base + 1] * extra + [base] * (passes - extra)
+
+
+def _locate(counts, rank):
+    """The bucket holding the `rank`-th largest key, from bucket counts.
+
+    Args:
+        counts: 1-D int32 tensor, the count of keys in each bucket (buckets
+            ordered by key); its length is a power of 2.
+        rank: Scalar int32 tensor, `1 <= rank <= sum(counts)`.
+
+    Returns:
+        A tuple `(bucket, above)`: the bucket index and the count of keys in
+        the buckets after it.
+    """
+    length = counts.shape[0]
+    if length > 4096:
+        # Two levels (rows, then a bucket within the row): a suffix sum
+        # over 64k buckets would cost as much as a pass over the keys.
+        width = 1 << (length.bit_length() // 2)
+        grid = ops.reshape(counts, (length // width, width))
+        row, above_row = _locate(ops.sum(grid, axis=1), rank)
+        column, above_column = _locate(
+            ops.take(grid, row, axis=0), rank - above_row
+        )
+        return row * width + column, above_row + above_column
+    at_or_above = ops.flip(ops.cumsum(ops.flip(counts, 0)), 0)
+    bucket = ops.sum(ops.cast(at_or_above >= rank, "int32")) - 1
+    return bucket, ops.take(at_or_above, bucket) - ops.take(counts, bucket)
+
+
+def _select_kth_largest(keys, k, total_bits):
+    """Radix select: the `k`-th largest of non-negative int32 `keys`.
+
+    Each pass reads the keys once and histograms the next digit of those
+    that still match the prefix found so far, so the cost is a few reads of
+    the tensor whatever `k`, with no sort.
+
+    Args:
+        keys: 1-D int32 tensor, values in `[0, 2**total_bits)`.
+        k: Scalar int32 tensor, `1 <= k <= len(keys)`.
+        total_bits: Python int, the key width.
+
+    Returns:
+        A tuple `(key, rank, ties)` of scalar int32 tensors: the `k`-th
+        largest key, the rank `k` asks for among the entries equal to it
+        (`k` minus the count of larger keys), and the count of entries
+        equal to it.
+    """
+    prefix = ops.zeros((), "int32")
+    rank = ops.cast(k, "int32")
+    shift = total_bits
+    for index, width in enumerate(_digit_widths(total_bits, keys.shape[0])):
+        shift -= width
+        buckets = 1 << width
+        digits = ops.right_shift(keys, shift) if shift else keys
+        if index:
+            # Keys that match the prefix get their next digit, in
+            # [0, buckets); the others differ in a higher bit, so they land
+            # at >= buckets, which the histogram leaves out.
+            digits = ops.bitwise_xor(digits, prefix * buckets)
+        counts = ops.cast(_histogram(digits, buckets), "int32")
+        digit, above = _locate(counts, rank)
+        rank = rank - above
+        prefix = prefix * buckets + digit
+    return prefix, rank, ops.take(counts, digit)
+
+
 def top_k_mask(scores, k):
     """Keeps exactly the `k` largest entries of a 1-D tensor of scores.
 
     Ties at the threshold are broken by position: among equal scores the
     lower index is kept, so exactly `k` entries are kept whatever the ties.
+    The threshold is found by a radix select on the float32 bit patterns
+    (non-negative floats order like their bits as int32): a few reads of
+    the scores, no sort. Ties, when only some of them are kept, take one
+    more radix select on their positions.
 
     Args:
-        scores: 1-D float tensor of non-negative scores.
+        scores: 1-D float tensor of non-negative, NaN-free scores, without
+            `-0.0` (`ops.abs` gives `+0.0`).
         k: Scalar int tensor, `1 <= k <= len(scores)`.
 
     Returns:
         A tuple `(mask, threshold)`: the boolean keep-mask and the smallest
-        kept score.
+        kept score (float32).
+
+    Example:
+
+    >>> mask, threshold = top_k_mask(np.array([3.0, 1.0, 2.0, 2.0]), 2)
+    >>> ops.convert_to_numpy(mask)
+    array([ True, False,  True, False])
     """
     size = scores.shape[0]
-    values, _ = ops.top_k(scores, size, sorted=True)
-    threshold = ops.take(values, k - 1)
-    above = ops.greater(scores, threshold)
-    tied = ops.equal(scores, threshold)
-    room = k - ops.sum(ops.cast(above, "int32"))
-    tie_rank = ops.cumsum(ops.cast(tied, "int32"))
-    keep = ops.logical_or(
-        above, ops.logical_and(tied, ops.less_equal(tie_rank, room))
-    )
-    return keep, threshold
+    keys = ops.view(ops.cast(scores, "float32"), "int32")
+    key, rank, ties = _select_kth_largest(keys, k, 31)
+
+    def keep_all_ties():
+        return ops.greater_equal(keys, key)
+
+    def keep_lowest_ties():
+        # Tied positions keyed so that a lower index is a larger key.
+        tied = ops.equal(keys, key)
+        positions = ops.where(
+            tied, size - ops.arange(size, dtype="int32"), ops.zeros((), "int32")
+        )
+        last, _, _ = _select_kth_largest(positions, rank, size.bit_length())
+        return ops.logical_or(
+            ops.greater(keys, key), ops.greater_equal(positions, last)
+        )
+
+    keep = ops.cond(ops.equal(rank, ties), keep_all_ties, keep_lowest_ties)
+    return keep, ops.view(key, "float32")
 
 
 def magnitude_mask(weights, sparsity):

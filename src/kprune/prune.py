@@ -16,18 +16,10 @@ def _is_model(obj) -> bool:
     return isinstance(obj, keras.Model)
 
 
-def _clone_graph_model(model, clone_function, what, instead):
-    try:
-        return keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
-        )
-    except ValueError as error:
-        if isinstance(model, keras.Sequential) or not _is_subclassed(model):
-            raise
-        raise ValueError(
-            f"{what} supports Sequential and functional models; "
-            f"{type(model).__name__!r} is a subclassed model. {instead}"
-        ) from error
+def _clone_graph_model(model, clone_function):
+    return keras.models.clone_model(
+        model, clone_function=clone_function, recursive=True
+    )
 
 
 def _is_subclassed(model) -> bool:
@@ -40,23 +32,15 @@ def _fresh_copy(layer):
     return layer.__class__.from_config(layer.get_config())
 
 
-def _has_weights_unbuilt(layer) -> bool:
-    """For an unbuilt layer: whether building it is likely to add weights."""
-    return bool(layer.weights) or (
-        type(layer).build is not keras.layers.Layer.build
-    )
-
-
 def _wrap_layer(layer, params):
     if isinstance(layer, PruneLowMagnitude):
         return layer
-    if registry.is_prunable(layer):
+    status = registry.status(layer)
+    if status == registry.PRUNABLE:
         return PruneLowMagnitude(layer, **params)
-    if registry.has_nothing_to_prune(layer):
+    if status == registry.NOTHING_TO_PRUNE:
         return layer
-    if layer.built or _has_weights_unbuilt(layer):
-        raise registry.unsupported_layer_error(layer)
-    return layer
+    raise registry.unsupported_layer_error(layer)
 
 
 def _copy_weights(pairs):
@@ -69,20 +53,130 @@ def _copy_weights(pairs):
             new.set_weights(old.get_weights())
 
 
-def _prune_model(model, params, pruning_policy):
-    if pruning_policy is not None:
-        pruning_policy.ensure_model_supports_pruning(model)
+def _schedule_map(schedules):
+    """Validates a dict of layer name to schedule (or sparsity)."""
+    result = {}
+    for name, value in schedules.items():
+        if not isinstance(name, str):
+            raise ValueError(
+                "The keys of a per-layer `pruning_schedule` dict must be "
+                f"layer names. Received the key {name!r}."
+            )
+        if isinstance(value, PruningSchedule):
+            result[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            PruningSchedule._validate_sparsity(
+                value, f"pruning_schedule[{name!r}]"
+            )
+            result[name] = ConstantSparsity(float(value), begin_step=0)
+        else:
+            raise ValueError(
+                f"Argument `pruning_schedule[{name!r}]` must be a "
+                "`kprune.PruningSchedule` or a sparsity in [0, 1). "
+                f"Received: {value!r}"
+            )
+    return result
+
+
+class _Selection:
+    """Which layers to prune, and with which arguments (`layers=`)."""
+
+    def __init__(self, layers, params, pruning_policy):
+        self.params = params
+        self.policy = pruning_policy
+        self.all = layers is None
+        if layers is None:
+            entries = []
+        elif isinstance(layers, dict):
+            entries = list(layers.items())
+        elif isinstance(layers, (list, tuple, set)):
+            entries = [(selector, {}) for selector in layers]
+        else:
+            entries = [(layers, {})]
+        self.entries = []
+        for selector, overrides in entries:
+            if not (
+                isinstance(selector, str)
+                or callable(selector)
+                or isinstance(selector, keras.layers.Layer)
+            ):
+                raise ValueError(
+                    "Argument `layers` must name the layers to prune: layer "
+                    "names, layer classes, layers, or functions of a layer "
+                    "returning a bool, in a list or as keys of a dict of "
+                    "per-layer arguments. Received an entry "
+                    f"{selector!r}"
+                )
+            overrides = dict(overrides or {})
+            unknown = set(overrides) - set(params)
+            if unknown:
+                raise ValueError(
+                    "Per-layer arguments in `layers` may set only "
+                    f"{sorted(params)}. Received: {sorted(unknown)} for "
+                    f"{selector!r}"
+                )
+            merged = {**params, **overrides}
+            validate_schedule(merged["pruning_schedule"])
+            (
+                merged["block_size"],
+                merged["block_pooling_type"],
+                merged["sparsity_m_by_n"],
+            ) = validate_pruning_args(
+                merged["block_size"],
+                merged["block_pooling_type"],
+                merged["sparsity_m_by_n"],
+            )
+            self.entries.append((selector, merged))
+
+    @staticmethod
+    def _matches(selector, layer):
+        if isinstance(selector, str):
+            return layer.name == selector
+        if isinstance(selector, type):
+            return isinstance(layer, selector)
+        if isinstance(selector, keras.layers.Layer):
+            return layer is selector
+        return bool(selector(layer))
+
+    def chosen(self, layer):
+        """The arguments to prune `layer` with, or None to keep it dense."""
+        if self.policy is not None and not self.policy.allow_pruning(layer):
+            return None
+        if self.all:
+            return self.params
+        for selector, merged in self.entries:
+            if self._matches(selector, layer):
+                return merged
+        return None
+
+    def check_names(self, model):
+        names = {layer.name for layer in model._flatten_layers()}
+        missing = [
+            s for s, _ in self.entries if isinstance(s, str) and s not in names
+        ]
+        if missing:
+            raise ValueError(
+                f"Argument `layers` names layers that model {model.name!r} "
+                f"does not have: {missing}. Its layers: {sorted(names)}"
+            )
+
+
+def _prune_graph_model(model, selection):
     pairs = []
 
     def clone(layer):
         # Called on each original layer before its copy is built, so a
         # layer that does not suit the arguments fails the call at once,
         # and the input model is never touched.
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a stateless operation, such as a `GetItem`
         if isinstance(layer, PruneLowMagnitude):
             new = _fresh_copy(layer)
-        elif registry.is_prunable(layer) and (
-            pruning_policy is None or pruning_policy.allow_pruning(layer)
-        ):
+            pairs.append((layer, new))
+            return new
+        params = selection.chosen(layer)
+        status = registry.status(layer)
+        if params is not None and status == registry.PRUNABLE:
             if layer.built:
                 PruneLowMagnitude._check_weights(
                     layer,
@@ -92,9 +186,9 @@ def _prune_model(model, params, pruning_policy):
                 )
             new = PruneLowMagnitude(_fresh_copy(layer), **params)
         elif (
-            registry.has_nothing_to_prune(layer)
-            or registry.is_prunable(layer)
-            or not layer.weights
+            status in (registry.PRUNABLE, registry.NOTHING_TO_PRUNE)
+            or (params is None and not selection.all)
+            or (status == registry.UNKNOWN and not layer.weights)
         ):
             new = _fresh_copy(layer)
         else:
@@ -102,15 +196,97 @@ def _prune_model(model, params, pruning_policy):
         pairs.append((layer, new))
         return new
 
-    pruned = _clone_graph_model(
-        model,
-        clone,
-        "`prune_low_magnitude`",
-        "Prune the layers inside it instead: wrap them with "
-        "`kprune.prune_low_magnitude(layer)` where the model creates them.",
-    )
+    pruned = _clone_graph_model(model, clone)
     _copy_weights(pairs)
     return pruned
+
+
+def _replace_everywhere(parent, old, new):
+    """Points every reference that `parent` holds to `old` at `new`."""
+
+    def swap(container):
+        if isinstance(container, list):
+            for i, value in enumerate(container):
+                if value is old:
+                    list.__setitem__(container, i, new)
+        elif isinstance(container, dict):
+            for key, value in container.items():
+                if value is old:
+                    dict.__setitem__(container, key, new)
+
+    for name, value in list(vars(parent).items()):
+        if value is old:
+            # Keras locks a built layer's attributes; `_layers` (the tracked
+            # sublayers) is updated in the same pass, so tracking stays
+            # exact.
+            object.__setattr__(parent, name, new)
+        elif isinstance(value, tuple) and any(v is old for v in value):
+            object.__setattr__(
+                parent, name, tuple(new if v is old else v for v in value)
+            )
+        else:
+            swap(value)
+
+
+def _prune_subclassed(model, selection):
+    """Prunes the direct sublayers of a subclassed model, in place."""
+    selection.check_names(model)
+    plan = []
+    # Everything is decided and checked before the model is changed.
+    for child in registry.sublayers(model):
+        if isinstance(child, PruneLowMagnitude):
+            continue
+        if _is_model(child) and not _is_subclassed(child):
+            if any(True for _ in _prunable_inside(child, selection)):
+                plan.append((child, _prune_graph_model(child, selection)))
+            continue
+        params = selection.chosen(child)
+        status = registry.status(child)
+        if params is None:
+            if selection.all and status in (
+                registry.UNKNOWN,
+                registry.REJECTED,
+            ):
+                raise registry.unsupported_layer_error(child)
+            continue
+        if status in (registry.UNKNOWN, registry.REJECTED):
+            raise registry.unsupported_layer_error(child)
+        if status != registry.PRUNABLE:
+            continue
+        if child.built:
+            PruneLowMagnitude._check_weights(
+                child,
+                registry.get_prunable_weights(child),
+                params["block_size"],
+                params["sparsity_m_by_n"],
+            )
+        plan.append((child, PruneLowMagnitude(child, **params)))
+    for old, new in plan:
+        if isinstance(new, PruneLowMagnitude) and old.built:
+            build = old.get_build_config() or {}
+            new.build(build.get("input_shape"))
+        _replace_everywhere(model, old, new)
+    # A training step traced before pruning would not prune.
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+    return model
+
+
+def _prunable_inside(model, selection):
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if selection.chosen(layer) is not None and registry.is_prunable(layer):
+            yield layer
+
+
+def _prune_model(model, params, pruning_policy, layers=None):
+    if pruning_policy is not None:
+        pruning_policy.ensure_model_supports_pruning(model)
+    selection = _Selection(layers, params, pruning_policy)
+    if _is_subclassed(model):
+        return _prune_subclassed(model, selection)
+    selection.check_names(model)
+    return _prune_graph_model(model, selection)
 
 
 def prune_low_magnitude(
@@ -120,6 +296,7 @@ def prune_low_magnitude(
     block_pooling_type: str = "AVG",
     sparsity_m_by_n=None,
     pruning_policy=None,
+    layers=None,
     **kwargs,
 ):
     """Makes a layer, a list of layers or a model prune during training.
@@ -136,15 +313,27 @@ def prune_low_magnitude(
     - A `keras.Sequential` or functional model is cloned, nested models and
       shared layers included; the clone starts from the model's current
       weights and the input model is left unchanged.
+    - A subclassed model (a `keras.Model` subclass with its own `call`)
+      cannot be cloned: it is pruned in place and returned. Its sublayers
+      (attributes, lists, dicts) are replaced by wrappers once every one
+      has been checked, so a call that fails changes nothing. Compile it
+      after pruning.
+    - A custom layer or a subclassed model used as a layer is pruned as one
+      unit: one wrapper, with a mask for each prunable weight of every
+      layer inside it (`MultiHeadAttention`, `LSTM`, `Bidirectional`...
+      are pruned the same way).
     - Layers already wrapped are kept as they are (not wrapped twice).
     - Layers without weights, and layers whose weights are not worth
       pruning (normalization layers), are kept dense.
 
     Args:
-        to_prune: A Keras layer, a list of layers, or a Sequential or
-            functional model.
+        to_prune: A Keras layer, a list of layers, or a model.
         pruning_schedule: A `kprune.PruningSchedule`: when to prune and to
             which sparsity.
+            For a model, it may also be a dict of layer name to schedule
+            (or to a sparsity `s`, meaning `ConstantSparsity(s, 0)`): each
+            named layer gets its own schedule and the layers not named stay
+            dense; see `kprune.per_layer_schedules`.
         block_size: `(height, width)` of blocks of a rank-2 weight pruned
             together; `(1, 1)` (default) prunes single weights.
         block_pooling_type: `"AVG"` or `"MAX"`: how a block's magnitudes
@@ -155,6 +344,14 @@ def prune_low_magnitude(
             value is ignored since the pattern fixes it.
         pruning_policy: A `kprune.PruningPolicy` deciding which layers of a
             model may be pruned (models only).
+        layers: Models only: which layers to prune; the others stay dense.
+            A list of selectors, or a dict from selectors to per-layer
+            arguments (`pruning_schedule`, `block_size`,
+            `block_pooling_type`, `sparsity_m_by_n`) that replace this
+            call's for those layers; the first matching entry wins. A
+            selector is a layer name, a layer class (subclasses match), a
+            layer of the model, or a function of a layer returning a bool.
+            `None` (default): every prunable layer.
         **kwargs: Passed to each `PruneLowMagnitude` wrapper (layers only).
 
     Returns:
@@ -179,6 +376,36 @@ def prune_low_magnitude(
     pruned.fit(x, y, callbacks=[kprune.UpdatePruningStep()])
     ```
     """
+    if isinstance(pruning_schedule, dict):
+        if not _is_model(to_prune):
+            raise ValueError(
+                "A per-layer `pruning_schedule` dict applies to whole models "
+                f"only. Received a {type(to_prune).__name__}: pass a "
+                "schedule instead."
+            )
+        if layers is not None:
+            raise ValueError(
+                "Pass per-layer schedules either as a `pruning_schedule` "
+                "dict or through `layers`, not both. Received both."
+            )
+        schedules = _schedule_map(pruning_schedule)
+        prunable = {
+            layer.name
+            for layer in to_prune._flatten_layers()
+            if registry.status(layer) == registry.PRUNABLE
+        }
+        unknown = sorted(set(schedules) - prunable)
+        if unknown:
+            raise ValueError(
+                "Argument `pruning_schedule` names layers that are not "
+                f"prunable layers of the model: {unknown}. Prunable layers: "
+                f"{sorted(prunable)}"
+            )
+        layers = {
+            name: {"pruning_schedule": schedule}
+            for name, schedule in schedules.items()
+        }
+        pruning_schedule = DEFAULT_SCHEDULE
     validate_schedule(pruning_schedule)
     block_size, block_pooling_type, sparsity_m_by_n = validate_pruning_args(
         block_size, block_pooling_type, sparsity_m_by_n
@@ -196,7 +423,13 @@ def prune_low_magnitude(
                 "layer or a list of layers, not a model. Received: "
                 f"{sorted(kwargs)}"
             )
-        return _prune_model(to_prune, params, pruning_policy)
+        return _prune_model(to_prune, params, pruning_policy, layers)
+    if layers is not None:
+        raise ValueError(
+            "Argument `layers` applies to whole models only; pass the "
+            "layers themselves as `to_prune`. Received a "
+            f"{type(to_prune).__name__}."
+        )
     if pruning_policy is not None:
         raise ValueError(
             "Argument `pruning_policy` applies to whole models only. "
@@ -247,25 +480,22 @@ def strip_pruning(model):
     """
     if not _is_model(model):
         raise ValueError(
-            "Argument `model` must be a Keras model (Sequential or "
-            f"functional). Received: {model!r}"
+            f"Argument `model` must be a Keras model. Received: {model!r}"
         )
+    if _is_subclassed(model):
+        return _strip_subclassed(model)
     pairs = []
 
     def clone(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            return layer
         new = _fresh_copy(
             layer.layer if isinstance(layer, PruneLowMagnitude) else layer
         )
         pairs.append((layer, new))
         return new
 
-    stripped = _clone_graph_model(
-        model,
-        clone,
-        "`strip_pruning`",
-        "Read the sparse weights of each `kprune.PruneLowMagnitude` inside "
-        "it with `layer.masked_layer_weights()`.",
-    )
+    stripped = _clone_graph_model(model, clone)
     for old, new in pairs:
         if isinstance(old, PruneLowMagnitude):
             new.set_weights(old.masked_layer_weights())
@@ -278,6 +508,55 @@ def strip_pruning(model):
         plain.set_weights(stripped.get_weights())
         return plain
     return stripped
+
+
+def _strip_subclassed(model):
+    wrappers = [
+        child
+        for child in registry.sublayers(model)
+        if isinstance(child, PruneLowMagnitude)
+    ]
+    try:
+        plain = model.__class__.from_config(model.get_config())
+    except Exception as error:
+        raise ValueError(
+            f"`strip_pruning` copies subclassed model {model.name!r} with "
+            f"`{type(model).__name__}.from_config(model.get_config())`, "
+            f"which failed: {error}. Give the class a `get_config` that "
+            "returns its constructor arguments, or read the sparse weights "
+            "of each `kprune.PruneLowMagnitude` inside it with "
+            "`layer.masked_layer_weights()`."
+        ) from error
+    build_config = model.get_build_config()
+    if build_config:
+        plain.build_from_config(build_config)
+    masked = {}
+    for wrapper in wrappers:
+        for variable, value in zip(
+            wrapper.layer.weights, wrapper.masked_layer_weights()
+        ):
+            masked[id(variable)] = value
+    # With the wrappers taken out, the model has the architecture of the
+    # copy, so their weights line up.
+    for wrapper in wrappers:
+        _replace_everywhere(model, wrapper, wrapper.layer)
+    try:
+        values = [masked.get(id(v), None) for v in model.weights]
+        values = [
+            keras.ops.convert_to_numpy(v) if value is None else value
+            for v, value in zip(model.weights, values)
+        ]
+    finally:
+        for wrapper in wrappers:
+            _replace_everywhere(model, wrapper.layer, wrapper)
+    if [tuple(v.shape) for v in plain.weights] != [v.shape for v in values]:
+        raise ValueError(
+            f"`strip_pruning` could not match the weights of subclassed model "
+            f"{model.name!r} with those of a fresh copy built from its "
+            "config: build the model by calling it once before pruning."
+        )
+    plain.set_weights(values)
+    return plain
 
 
 _CUSTOM_OBJECTS = {

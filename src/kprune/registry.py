@@ -2,13 +2,29 @@
 
 Built-in layers are matched with `isinstance`, so a subclass of `Dense` is
 prunable like `Dense`. Layers are looked up most-derived first.
+
+A layer is, for pruning, one of:
+
+- prunable: it declares its weights (`PrunableLayer`), its class is
+  registered here (built in, or by `register_prunable_layer`), or it is a
+  container (attention, RNN, `Bidirectional`, `TimeDistributed`, or any
+  custom layer or model) whose sublayers hold prunable weights and nothing
+  unknown. A container is pruned as one unit: one wrapper, one step, a mask
+  for each prunable weight of every sublayer inside it.
+- nothing to prune: normalization scales, attention scales, fixed
+  spectrogram kernels, preprocessing state, or no weights at all.
+- rejected: layers whose weights belong to another framework, which no
+  Keras optimizer constraint can reach.
+- unknown: a layer with weights of its own that nobody has described.
 """
 
 import keras
 
 from kprune.prunable_layer import PrunableLayer
 
-# Layer class -> names of the attributes holding the weights to prune.
+# Layer class -> names of the attributes holding the weights to prune
+# (dotted paths reach into sublayers), or a function of the layer giving
+# those names.
 _PRUNABLE_WEIGHTS = {
     keras.layers.Dense: ("kernel",),
     keras.layers.EinsumDense: ("kernel",),
@@ -23,18 +39,55 @@ _PRUNABLE_WEIGHTS = {
     keras.layers.SeparableConv1D: ("depthwise_kernel", "pointwise_kernel"),
     keras.layers.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
     keras.layers.Embedding: ("embeddings",),
+    keras.layers.ReversibleEmbedding: lambda layer: (
+        ("embeddings",)
+        if layer.tie_weights
+        else ("embeddings", "reverse_embeddings")
+    ),
+    keras.layers.SimpleRNNCell: ("kernel", "recurrent_kernel"),
+    keras.layers.LSTMCell: ("kernel", "recurrent_kernel"),
+    keras.layers.GRUCell: ("kernel", "recurrent_kernel"),
+    # Their cell class is not public, so the cell's weights are named here.
+    keras.layers.ConvLSTM1D: ("cell.kernel", "cell.recurrent_kernel"),
+    keras.layers.ConvLSTM2D: ("cell.kernel", "cell.recurrent_kernel"),
+    keras.layers.ConvLSTM3D: ("cell.kernel", "cell.recurrent_kernel"),
 }
 
+# Containers whose own weights (if any) are not worth pruning: they are
+# pruned through their sublayers (query/key/value/output projections,
+# cells, the wrapped layer).
+_CONTAINERS = (
+    keras.layers.MultiHeadAttention,
+    keras.layers.GroupQueryAttention,
+    keras.layers.RNN,
+    keras.layers.StackedRNNCells,
+    keras.layers.Bidirectional,
+    keras.layers.TimeDistributed,
+    keras.layers.SpectralNormalization,
+)
+
 # Layers with weights of which none is worth pruning (scales, shifts,
-# statistics): they are left as they are.
+# statistics, fixed transforms): they are left as they are.
 _NOTHING_TO_PRUNE = (
     keras.layers.BatchNormalization,
     keras.layers.LayerNormalization,
     keras.layers.GroupNormalization,
+    keras.layers.RMSNormalization,
     keras.layers.Normalization,
     keras.layers.PReLU,
+    keras.layers.Attention,
+    keras.layers.AdditiveAttention,
+    keras.layers.MelSpectrogram,
+    keras.layers.STFTSpectrogram,
 )
 
+# Layers whose weights live outside Keras variables that an optimizer
+# constraint can reach -> why.
+_REJECTED = {
+    keras.layers.JaxLayer: "its weights belong to a JAX function",
+    keras.layers.TorchModuleWrapper: "its weights belong to a torch module",
+    keras.layers.TFSMLayer: "its weights belong to a loaded SavedModel",
+}
 
 # Transposed convolutions store kernels as (..., filters, input channels).
 _INPUT_CHANNELS_LAST = (
@@ -42,6 +95,59 @@ _INPUT_CHANNELS_LAST = (
     keras.layers.Conv2DTranspose,
     keras.layers.Conv3DTranspose,
 )
+
+PRUNABLE = "prunable"
+NOTHING_TO_PRUNE = "nothing to prune"
+REJECTED = "rejected"
+UNKNOWN = "unknown"
+
+
+def register_prunable_layer(layer_class, weight_names) -> None:
+    """Tells kprune which weights of a layer class to prune.
+
+    For layers you cannot edit (a third-party package's), this does what
+    subclassing `kprune.PrunableLayer` does for your own. The registration
+    covers subclasses too, and replaces any earlier one for that class,
+    built-in classes included. An empty list marks the class as having
+    nothing to prune: it is then kept dense inside pruned models instead of
+    failing the call.
+
+    Args:
+        layer_class: A subclass of `keras.layers.Layer`.
+        weight_names: Names of the attributes that hold the weights to
+            prune, such as `["kernel"]`; a dotted name such as
+            `"cell.kernel"` reaches into a sublayer.
+
+    Raises:
+        ValueError: If `layer_class` is not a layer class or a name is not
+            a non-empty string.
+
+    Example:
+
+    ```python
+    kprune.register_prunable_layer(
+        keras_hub.layers.PositionEmbedding, ["position_embeddings"]
+    )
+    pruned = kprune.prune_low_magnitude(backbone)
+    ```
+    """
+    if not (
+        isinstance(layer_class, type)
+        and issubclass(layer_class, keras.layers.Layer)
+    ):
+        raise ValueError(
+            "Argument `layer_class` must be a subclass of "
+            f"`keras.layers.Layer`. Received: layer_class={layer_class!r}"
+        )
+    if isinstance(weight_names, str):
+        weight_names = [weight_names]
+    names = tuple(weight_names)
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            "Argument `weight_names` must be a list of attribute names such "
+            f"as ['kernel']. Received: weight_names={weight_names!r}"
+        )
+    _PRUNABLE_WEIGHTS[layer_class] = names
 
 
 def input_channel_axis(layer) -> int:
@@ -53,7 +159,15 @@ def input_channel_axis(layer) -> int:
 def _registered_names(layer):
     for cls in type(layer).__mro__:
         if cls in _PRUNABLE_WEIGHTS:
-            return _PRUNABLE_WEIGHTS[cls]
+            names = _PRUNABLE_WEIGHTS[cls]
+            return tuple(names(layer)) if callable(names) else names
+    return None
+
+
+def _rejection(layer):
+    for cls, why in _REJECTED.items():
+        if isinstance(layer, cls):
+            return why
     return None
 
 
@@ -64,27 +178,112 @@ def supports_custom(layer) -> bool:
     )
 
 
+def sublayers(layer) -> list:
+    """The direct sublayers of `layer`."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def _own_weights(layer) -> list:
+    inner = {id(w) for sub in sublayers(layer) for w in sub.weights}
+    return [w for w in layer.weights if id(w) not in inner]
+
+
+def _status_and_culprit(layer):
+    """`(status, layer to blame when unknown or rejected)`."""
+    if supports_custom(layer) or _registered_names(layer):
+        return PRUNABLE, None
+    if _registered_names(layer) == ():
+        return NOTHING_TO_PRUNE, None
+    why = _rejection(layer)
+    if why is not None:
+        return REJECTED, layer
+    if isinstance(layer, _NOTHING_TO_PRUNE):
+        return NOTHING_TO_PRUNE, None
+    known_container = isinstance(layer, _CONTAINERS)
+    if not layer.built and not known_container:
+        # An unbuilt layer may still create weights: only one that cannot
+        # (no custom `build`, no sublayers) is known to be weightless.
+        if (
+            layer.weights
+            or sublayers(layer)
+            or (type(layer).build is not keras.layers.Layer.build)
+        ):
+            return UNKNOWN, layer
+        return NOTHING_TO_PRUNE, None
+    if not known_container and _own_weights(layer):
+        return UNKNOWN, layer
+    statuses = [_status_and_culprit(sub) for sub in sublayers(layer)]
+    for status, culprit in statuses:
+        if status in (UNKNOWN, REJECTED):
+            return status, culprit
+    if any(status == PRUNABLE for status, _ in statuses):
+        return PRUNABLE, None
+    if known_container and not layer.built and not statuses:
+        # Attention layers create their projections when built.
+        return PRUNABLE, None
+    return NOTHING_TO_PRUNE, None
+
+
+def status(layer) -> str:
+    """`"prunable"`, `"nothing to prune"`, `"rejected"` or `"unknown"`."""
+    return _status_and_culprit(layer)[0]
+
+
 def is_prunable(layer) -> bool:
     """Whether `prune_low_magnitude` knows which weights of `layer` to prune."""
-    return supports_custom(layer) or _registered_names(layer) is not None
+    return status(layer) == PRUNABLE
 
 
 def has_nothing_to_prune(layer) -> bool:
     """Whether `layer` is known to have no weight worth pruning."""
-    return isinstance(layer, _NOTHING_TO_PRUNE) or (
-        layer.built and not layer.weights
-    )
+    return status(layer) == NOTHING_TO_PRUNE
 
 
 def unsupported_layer_error(layer) -> ValueError:
-    return ValueError(
-        f"Layer {layer.name!r} of class {type(layer).__name__} has weights, "
-        "but kprune does not know which of them to prune. Make it prunable "
-        "by subclassing `kprune.PrunableLayer` and returning the weights to "
-        "prune from `get_prunable_weights()`, or leave it out of pruning "
-        "(prune only the layers you choose with `keras.models.clone_model` "
-        "and a `clone_function`)."
+    _, culprit = _status_and_culprit(layer)
+    culprit = culprit or layer
+    inside = (
+        ""
+        if culprit is layer
+        else f" (inside layer {layer.name!r} of class {type(layer).__name__})"
     )
+    why = _rejection(culprit)
+    if why is not None:
+        return ValueError(
+            f"Layer {culprit.name!r} of class {type(culprit).__name__}"
+            f"{inside} cannot be pruned: {why}, out of reach of the Keras "
+            "optimizer that kprune prunes through. Leave it out of pruning: "
+            "prune only the other layers with the `layers=` argument of "
+            "`kprune.prune_low_magnitude`, or wrap them yourself with "
+            "`keras.models.clone_model` and a `clone_function`."
+        )
+    name = type(culprit).__name__
+    return ValueError(
+        f"Layer {culprit.name!r} of class {name}{inside} has weights, but "
+        "kprune does not know which of them to prune. Make it prunable "
+        "either by subclassing `kprune.PrunableLayer` and returning the "
+        "weights to prune from `get_prunable_weights()`, or, for a class "
+        "you cannot edit, with "
+        f"`kprune.register_prunable_layer({name}, ['kernel'])` (the names "
+        "of its weight attributes; `[]` keeps it dense). If it is not built "
+        "yet, build it first. Or leave it out of pruning: choose the layers "
+        "with the `layers=` argument of `kprune.prune_low_magnitude`, or "
+        "with `keras.models.clone_model` and a `clone_function`."
+    )
+
+
+def _resolve(layer, path):
+    value = layer
+    for part in path.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            raise ValueError(
+                f"Layer {layer.name!r} of class {type(layer).__name__} has no "
+                f"weight {path!r}, which is registered as prunable for its "
+                "class. Register the names of its weight attributes with "
+                "`kprune.register_prunable_layer`."
+            )
+    return value
 
 
 def get_prunable_weights(layer) -> list:
@@ -94,15 +293,26 @@ def get_prunable_weights(layer) -> list:
         layer: A built Keras layer.
 
     Returns:
-        A list of variables.
+        A list of variables, without duplicates, in the order found.
 
     Raises:
-        ValueError: If the layer is neither registered nor a
-            `PrunableLayer`.
+        ValueError: If the layer, or a layer inside it, has weights that
+            kprune does not know how to prune.
     """
     if supports_custom(layer):
         return list(layer.get_prunable_weights())
     names = _registered_names(layer)
-    if names is None:
+    if names:
+        return [_resolve(layer, name) for name in names]
+    status_, _ = _status_and_culprit(layer)
+    if status_ in (UNKNOWN, REJECTED):
         raise unsupported_layer_error(layer)
-    return [getattr(layer, name) for name in names]
+    if status_ == NOTHING_TO_PRUNE or isinstance(layer, _NOTHING_TO_PRUNE):
+        return []
+    weights, seen = [], set()
+    for sub in sublayers(layer):
+        for weight in get_prunable_weights(sub):
+            if id(weight) not in seen:
+                seen.add(id(weight))
+                weights.append(weight)
+    return weights

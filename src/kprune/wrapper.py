@@ -103,6 +103,16 @@ def validate_schedule(pruning_schedule):
         )
 
 
+def _symbolic(value):
+    if isinstance(value, keras.KerasTensor) or not (
+        keras.ops.is_tensor(value) or isinstance(value, np.ndarray)
+    ):
+        return value
+    return keras.KerasTensor(
+        value.shape, dtype=keras.backend.standardize_dtype(value.dtype)
+    )
+
+
 class _PruningConstraint:
     """Applied by the optimizer to a pruned weight after each update."""
 
@@ -125,6 +135,19 @@ class _PruningConstraint:
             # -1 (never trained) also becomes 1: the first batch is step 1.
             wrapper.pruning_step.assign(
                 ops.maximum(wrapper.pruning_step, 0) + 1
+            )
+        if wrapper._mask_group is not None:
+            # Masks that depend on other layers' weights (global magnitude,
+            # structured pruning) are computed by the group.
+            return wrapper._mask_group.constrain(self, weight)
+        if getattr(wrapper.pruning_schedule, "needs_group", False):
+            raise RuntimeError(
+                f"Pruned layer {wrapper.name!r} uses "
+                f"{type(wrapper.pruning_schedule).__name__}, whose masks are "
+                "computed across layers, but it was not connected to its "
+                "group. `kprune.UpdatePruningStep().on_train_begin()` "
+                "connects it: use the callback in `fit`, or call "
+                "`set_model(model)` and `on_train_begin()` in a custom loop."
             )
         _, mask_var, threshold_var = wrapper.pruning_vars[self.index]
         should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
@@ -194,7 +217,12 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         block_size, block_pooling_type, sparsity_m_by_n = validate_pruning_args(
             block_size, block_pooling_type, sparsity_m_by_n
         )
-        if not registry.is_prunable(layer):
+        status = registry.status(layer)
+        # An unbuilt container (a custom layer that creates its sublayers
+        # in `build`) is checked when built.
+        if status == registry.REJECTED or (
+            status != registry.PRUNABLE and layer.built
+        ):
             raise registry.unsupported_layer_error(layer)
         if layer.built:
             self._check_weights(
@@ -212,6 +240,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.pruning_vars = []
         # Set by `UpdatePruningStep`; checked when training starts.
         self._step_driven = False
+        # Set by `UpdatePruningStep` for layers whose masks are computed
+        # together with other layers' (see `kprune.groups`).
+        self._mask_group = None
         # tfmot code writes `Sequential([prune_low_magnitude(Dense(2,
         # input_shape=...))])`; Sequential reads the legacy input shape from
         # its first layer, which is now the wrapper.
@@ -301,6 +332,60 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
         # The wrapped layer reads `training` from the call context.
         return self.layer(inputs, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not self.built and not self.layer.built:
+            # Build the wrapped layer from the full call, as Keras would:
+            # `build(input_shape)` sees only the first input, which is not
+            # enough for layers such as `MultiHeadAttention`.
+            kwargs_ = {k: v for k, v in kwargs.items() if k != "training"}
+            self.layer(
+                *keras.tree.map_structure(_symbolic, args),
+                **keras.tree.map_structure(_symbolic, kwargs_),
+            )
+        return super().__call__(*args, **kwargs)
+
+    def compute_output_spec(self, *args, **kwargs):
+        # Trace `call` (Keras's default for layers without
+        # `compute_output_shape`): the wrapped layer's own `__call__` then
+        # handles inputs of any number and kind.
+        return super(keras.layers.Layer, self).compute_output_spec(
+            *args, **kwargs
+        )
+
+    def get_build_config(self):
+        config = dict(super().get_build_config() or {})
+        inner = self.layer.get_build_config()
+        if inner:
+            config["layer_build_config"] = inner
+        return config
+
+    def build_from_config(self, config):
+        config = dict(config)
+        inner = config.pop("layer_build_config", None)
+        if inner and not self.layer.built:
+            self.layer.build_from_config(inner)
+        super().build_from_config(config)
+
+    def load_own_variables(self, store):
+        # The variables Keras's own `load_own_variables` assigns, in order.
+        own = self._trainable_variables + self._non_trainable_variables
+        found = [tuple(store[str(i)].shape) for i in range(len(store.keys()))]
+        needed = [tuple(v.shape) for v in own]
+        if found != needed:
+            # Checked before anything is assigned, so this layer is left
+            # as it was.
+            raise ValueError(
+                f"Cannot load the pruning state of layer {self.name!r}: it "
+                f"needs {len(needed)} variables (masks, thresholds, step) of "
+                f"shapes {needed}, and the file holds {len(found)} of shapes "
+                f"{found}. The file was saved from a model that is not "
+                "pruned, pruned differently, or of another architecture. To "
+                "start pruning from a plain model's weights, load them into "
+                "the plain model, then call `kprune.prune_low_magnitude`. "
+                "Nothing was loaded into this layer."
+            )
+        super().load_own_variables(store)
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
