@@ -39,12 +39,13 @@ class Net(keras.Model):
         self.norm = layers.LayerNormalization()
         self.drop = layers.Dropout(0.1)
 
-    def call(self, x, training=False):
-        x = self.stem(x)
+    def call(self, x, training=None):
+        # Passing `training` on is what JAX training needs (docs/layers.md).
+        x = self.stem(x, training=training)
         for block in self.blocks:
-            x = x + block(x)
+            x = x + block(x, training=training)
         x = self.drop(self.norm(x), training=training)
-        return self.heads["out"](x)
+        return self.heads["out"](x, training=training)
 
     def get_config(self):
         return {**super().get_config(), "classes": self.classes}
