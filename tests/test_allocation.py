@@ -351,7 +351,12 @@ def test_global_masks_hold_in_a_custom_loop_whatever_the_variable_order(
         variables = variables[::-1]
     rng = np.random.default_rng(0)
     for _ in range(3):
-        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+        grads = [
+            keras.ops.convert_to_tensor(
+                rng.normal(size=v.shape).astype("float32")
+            )
+            for v in variables
+        ]
         optimizer.apply(grads, variables)
     rows = pruned_vars(pruned)
     kept = sum(int(keras.ops.convert_to_numpy(m).sum()) for _, _, m in rows)
