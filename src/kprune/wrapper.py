@@ -411,12 +411,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         return super().__call__(*args, **kwargs)
 
     def compute_output_spec(self, *args, **kwargs):
-        # Trace `call` (Keras's default for layers without
-        # `compute_output_shape`): the wrapped layer's own `__call__` then
-        # handles inputs of any number and kind.
-        return super(keras.layers.Layer, self).compute_output_spec(
-            *args, **kwargs
-        )
+        # The wrapped layer's own spec: it handles inputs of any number and
+        # kind (attention), and layers whose `call` cannot be traced with
+        # unknown dimensions on JAX (keras-hub's `PositionEmbedding`).
+        return self.layer.compute_output_spec(*args, **kwargs)
 
     def get_build_config(self):
         config = dict(super().get_build_config() or {})
