@@ -49,8 +49,10 @@ def application(name):
         x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
         # Eager steps: tracing a training step with 50-80 pruned weights
         # costs a minute on 2 cores, and the compiled path is what the
-        # layer tests and the keras-hub models below exercise.
-        return backbone, x, True
+        # layer tests and the keras-hub models below exercise. JAX steps
+        # compiled: eager JAX crashed (segfault in jaxlib 0.10.2, inside
+        # `lax.cond` during the gradient) on ResNet50.
+        return backbone, x, keras.backend.backend() != "jax"
 
     return build
 
