@@ -22,6 +22,7 @@ from kprune.groups import MaskGroup
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
+from kprune.schedules import _AcrossLayersSchedule
 
 
 def _python_kept_count(size, sparsity):
@@ -45,7 +46,7 @@ def _check_cap(value, name="max_sparsity"):
 
 
 @keras.saving.register_keras_serializable(package="kprune")
-class GlobalSparsity(PruningSchedule):
+class GlobalSparsity(_AcrossLayersSchedule):
     """Prunes a group of layers together, by one magnitude threshold.
 
     Give it to several layers (usually all, through `prune_low_magnitude`
@@ -83,9 +84,6 @@ class GlobalSparsity(PruningSchedule):
     ```
     """
 
-    # Tells the wrapper that its masks come from a group.
-    needs_group = True
-
     def __init__(
         self,
         schedule: PruningSchedule,
@@ -110,23 +108,12 @@ class GlobalSparsity(PruningSchedule):
         self.max_sparsity = max_sparsity
         self.group = group
 
-    def __call__(self, step):
-        return self.schedule(step)
-
     def get_config(self) -> dict:
         return {
             "schedule": keras.saving.serialize_keras_object(self.schedule),
             "max_sparsity": self.max_sparsity,
             "group": self.group,
         }
-
-    @classmethod
-    def from_config(cls, config: dict):
-        config = dict(config)
-        config["schedule"] = keras.saving.deserialize_keras_object(
-            config["schedule"]
-        )
-        return cls(**config)
 
     def __eq__(self, other):
         return (

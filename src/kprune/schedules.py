@@ -137,6 +137,27 @@ class PruningSchedule(abc.ABC):
             )
 
 
+class _AcrossLayersSchedule(PruningSchedule):
+    """Base of schedules that follow an inner schedule's steps and targets
+    but compute masks across layers (`kprune.GlobalSparsity`,
+    `kprune.StructuredSparsity`). Subclasses set `self.schedule` and list
+    their other arguments in `get_config`."""
+
+    # Read by the wrapper: such a layer needs its mask group.
+    needs_group = True
+
+    def __call__(self, step):
+        return self.schedule(step)
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(
+            config["schedule"]
+        )
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="kprune")
 class ConstantSparsity(PruningSchedule):
     """Prunes to a constant sparsity every `frequency` steps.

@@ -30,6 +30,7 @@ from keras import ops
 from kprune import masking
 from kprune.groups import MaskGroup
 from kprune.schedules import PruningSchedule
+from kprune.schedules import _AcrossLayersSchedule
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import collect_pruned_layers
 
@@ -77,7 +78,7 @@ NORMS = ("l1", "l2")
 
 
 @keras.saving.register_keras_serializable(package="kprune")
-class StructuredSparsity(PruningSchedule):
+class StructuredSparsity(_AcrossLayersSchedule):
     """Prunes whole Dense units and Conv filters, following `schedule`.
 
     At each step where `schedule` prunes, every Dense or Conv layer whose
@@ -109,8 +110,6 @@ class StructuredSparsity(PruningSchedule):
     ```
     """
 
-    needs_group = True
-
     def __init__(self, schedule: PruningSchedule, norm: str = "l2"):
         if not isinstance(schedule, PruningSchedule) or getattr(
             schedule, "needs_group", False
@@ -127,22 +126,11 @@ class StructuredSparsity(PruningSchedule):
         self.schedule = schedule
         self.norm = norm
 
-    def __call__(self, step):
-        return self.schedule(step)
-
     def get_config(self) -> dict:
         return {
             "schedule": keras.saving.serialize_keras_object(self.schedule),
             "norm": self.norm,
         }
-
-    @classmethod
-    def from_config(cls, config: dict):
-        config = dict(config)
-        config["schedule"] = keras.saving.deserialize_keras_object(
-            config["schedule"]
-        )
-        return cls(**config)
 
     def __eq__(self, other):
         return (
