@@ -187,7 +187,7 @@ def _prune_graph_model(model, selection):
             new = PruneLowMagnitude(_fresh_copy(layer), **params)
         elif (
             status in (registry.PRUNABLE, registry.NOTHING_TO_PRUNE)
-            or (params is None and not selection.all)
+            or params is None  # not selected, or refused by the policy
             or (status == registry.UNKNOWN and not layer.weights)
         ):
             new = _fresh_copy(layer)
