@@ -90,14 +90,43 @@ def test_guide_model_prunes_only_its_1x1_convolutions(functional):
     assert wrapped_names(pruned) == ["pointwise_1", "pointwise_2"]
 
 
-def test_guide_model_without_keepdims_is_accepted_like_tfmot():
-    # tfmot 0.8.1 ends the subgraph at any GlobalAveragePooling2D; the
-    # guide's text (an error asking for keepdims=True) predates that.
-    model = keras.Sequential(
-        guide_layers()[:-3]
-        + [layers.GlobalAveragePooling2D(), layers.Dense(10)]
+def on_device_guide_model(global_pooling):
+    """The guide's model as written: CIFAR-10 shaped, `InputLayer`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # `input_shape` is deprecated
+        first = keras.layers.InputLayer(input_shape=(32, 32, 3))
+    return keras.Sequential(
+        [first] + guide_layers()[2:-3] + [global_pooling] + guide_layers()[-2:]
     )
-    assert wrapped_names(prune(model)) == ["pointwise_1", "pointwise_2"]
+
+
+def test_on_device_guide_pruning_cells_run_as_written():
+    dense_model = on_device_guide_model(layers.GlobalAveragePooling2D())
+    pruning_params = {
+        "pruning_schedule": kprune.PolynomialDecay(
+            initial_sparsity=0.25,
+            final_sparsity=0.75,
+            begin_step=0,
+            end_step=100,
+        ),
+        "pruning_policy": kprune.PruneForLatencyOnXNNPack(),
+    }
+    # tfmot 0.8.1 ends the sparse part at any GlobalAveragePooling2D, so
+    # the guide's first try already passes (its text, older, says it
+    # fails without keepdims=True); the guide catches the error either way.
+    model_for_pruning = kprune.prune_low_magnitude(
+        dense_model, **pruning_params
+    )
+    assert wrapped_names(model_for_pruning) == ["pointwise_1", "pointwise_2"]
+
+    fixed_dense_model = on_device_guide_model(
+        layers.GlobalAveragePooling2D(keepdims=True)
+    )
+    fixed_dense_model.set_weights(dense_model.get_weights())
+    model_for_pruning = kprune.prune_low_magnitude(
+        fixed_dense_model, **pruning_params
+    )
+    assert wrapped_names(model_for_pruning) == ["pointwise_1", "pointwise_2"]
 
 
 def fit_guide_model():

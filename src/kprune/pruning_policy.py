@@ -226,7 +226,11 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
                 "with `keras.Input` and the functional API, or prune it "
                 "without `pruning_policy`."
             )
-        if not model.built or not model.inputs:
+        try:
+            model_inputs = model.inputs if model.built else None
+        except ValueError:  # a Sequential built without an input shape
+            model_inputs = None
+        if not model_inputs:
             raise ValueError(
                 f"`{policy}` reads the model's layer graph, so the model "
                 f"must be built. Model {model.name!r} is not: start it "
@@ -241,7 +245,7 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
                 if isinstance(op, keras.layers.InputLayer)
             }
         inputs = [
-            _Call(None, [], name=names.get(id(t), "")) for t in model.inputs
+            _Call(None, [], name=names.get(id(t), "")) for t in model_inputs
         ]
         outputs = _flatten_graph(model, inputs)
         starts = self._find_starts(inputs, policy)
