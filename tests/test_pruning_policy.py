@@ -95,9 +95,8 @@ def on_device_guide_model(global_pooling):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # `input_shape` is deprecated
         first = keras.layers.InputLayer(input_shape=(32, 32, 3))
-    return keras.Sequential(
-        [first] + guide_layers()[2:-3] + [global_pooling] + guide_layers()[-2:]
-    )
+    body = guide_layers()
+    return keras.Sequential([first, *body[2:-3], global_pooling, *body[-2:]])
 
 
 def test_on_device_guide_pruning_cells_run_as_written():
