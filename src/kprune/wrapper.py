@@ -413,7 +413,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
     def call(self, inputs, *args, training=None, **kwargs):
         # Checked when the training step is traced, so a missing callback
-        # stops `fit` before any update, and leaves the model trainable.
+        # stops `fit` before any update (on JAX, after `fit` has detached
+        # the weights: see `MISSING_CALLBACK_MESSAGE`).
         if training and not self._step_driven:
             self._traced_without_callback = True
             raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
