@@ -6,6 +6,7 @@ from kprune import registry
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
+from kprune.schedules import is_real_number
 from kprune.wrapper import DEFAULT_SCHEDULE
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import validate_pruning_args
@@ -64,7 +65,7 @@ def _schedule_map(schedules):
             )
         if isinstance(value, PruningSchedule):
             result[name] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif is_real_number(value):
             PruningSchedule._validate_sparsity(
                 value, f"pruning_schedule[{name!r}]"
             )
