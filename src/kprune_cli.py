@@ -95,6 +95,14 @@ def _parser():
     command.add_argument("model", help=".keras, Keras .h5 or compact .h5")
     command.add_argument("output", help="the .tflite file to write")
     command.add_argument("--quantize", choices=["dynamic_range"], default=None)
+    command.add_argument(
+        "--sparse-format",
+        action="store_true",
+        help=(
+            "store sparse weights in TFLite's sparse tensor format (smaller "
+            "unzipped, larger zipped)"
+        ),
+    )
 
     command = commands.add_parser(
         "plot",

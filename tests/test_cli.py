@@ -89,7 +89,10 @@ def test_plot_writes_pngs(model_file, tmp_path, capsys):
 def test_export_litert_writes_a_tflite_file(model_file, tmp_path):
     out = tmp_path / "model.tflite"
     assert main(["export-litert", str(model_file), str(out)]) == 0
-    assert out.stat().st_size > 0
+    sparse = tmp_path / "sparse.tflite"
+    argv = ["export-litert", str(model_file), str(sparse), "--sparse-format"]
+    assert main(argv) == 0
+    assert 0 < sparse.stat().st_size < out.stat().st_size
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, capsys):

@@ -140,7 +140,12 @@ def _compress(args):
 def _export_litert(args):
     from kprune.export import export_litert
 
-    export_litert(_load(args), args.output, quantize=args.quantize)
+    export_litert(
+        _load(args),
+        args.output,
+        quantize=args.quantize,
+        sparse_format=args.sparse_format,
+    )
     print(f"{args.output}: {_megabytes(os.path.getsize(args.output))}")
 
 
