@@ -31,13 +31,13 @@ def export_litert(
     values plus 8- or 16-bit column indices): a float file is about 3x
     smaller unzipped at 80% sparsity and 6x at 90%, but the indices zip
     worse than zeros, so zipped it is up to 35% larger with dynamic
-    range quantization and within 10% either way in float32; and the runtime densifies the
-    weights when it loads the model (a `DENSIFY` op), so inference is no
-    faster. With TensorFlow 2.21, a file both sparse and dynamic-range
-    quantized fails to prepare under the default XNNPACK delegate; run it
-    with `experimental_op_resolver_type=tf.lite.experimental.
-    OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES` (see
-    docs/export.md).
+    range quantization and within 10% either way in float32; and the
+    runtime densifies the weights when it loads the model (a `DENSIFY`
+    op), so inference is no faster. With TensorFlow 2.21, a file both
+    sparse and dynamic-range quantized fails to prepare under the default
+    XNNPACK delegate; run it with `experimental_op_resolver_type=
+    tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`
+    (see docs/export.md).
 
     Needs the TensorFlow backend. The file runs in the LiteRT interpreter
     (`ai_edge_litert.interpreter.Interpreter`, or `tf.lite.Interpreter`).
