@@ -277,9 +277,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         )
         status = registry.status(layer)
         # An unbuilt container (a custom layer that creates its sublayers
-        # in `build`) is checked when built.
+        # in `build`) is checked when built. A layer with nothing to prune
+        # (Dropout, a normalization) is wrapped with no masks, as in tfmot.
         if status == registry.REJECTED or (
-            status != registry.PRUNABLE and layer.built
+            status == registry.UNKNOWN and layer.built
         ):
             raise registry.unsupported_layer_error(layer)
         if layer.built:
@@ -365,11 +366,6 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
     @staticmethod
     def _check_weights(layer, weights, block_size, sparsity_m_by_n):
-        if not weights:
-            raise ValueError(
-                f"Layer {layer.name!r} has no weights to prune: "
-                "`get_prunable_weights()` returned an empty list."
-            )
         for weight in weights:
             rank = len(weight.shape)
             if block_size != (1, 1) and rank != 2:
