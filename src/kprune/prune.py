@@ -503,7 +503,9 @@ def prune_low_magnitude(
       unit: one wrapper, with a mask for each prunable weight of every
       layer inside it (`MultiHeadAttention`, `LSTM`, `Bidirectional`...
       are pruned the same way).
-    - Layers already wrapped are kept as they are (not wrapped twice).
+    - Layers already wrapped are kept as they are (not wrapped twice),
+      with their own schedule and pattern; a warning says so when this
+      call asks for others (an error for a lone wrapper).
     - Layers without weights, and layers whose weights are not worth
       pruning (normalization layers), are kept dense.
 
@@ -539,9 +541,11 @@ def prune_low_magnitude(
         The wrapped layer, the list of wrapped layers, or the pruned model.
 
     Raises:
-        ValueError: If an argument is invalid, a layer's weights do not
-            suit the block or N:M pattern, or a layer has weights that
-            kprune does not know how to prune. Nothing is modified then.
+        ValueError: If an argument is invalid or unknown, `layers` or a
+            per-layer `pruning_schedule` names a model instead of layers,
+            a layer's weights do not suit the block or N:M pattern, or a
+            layer has weights that kprune does not know how to prune.
+            Nothing is modified then.
 
     Example:
 

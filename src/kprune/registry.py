@@ -166,10 +166,9 @@ def register_prunable_layer(layer_class, weight_names) -> None:
     Example:
 
     ```python
-    kprune.register_prunable_layer(
-        keras_hub.layers.PositionEmbedding, ["position_embeddings"]
-    )
-    pruned = kprune.prune_low_magnitude(backbone)
+    # A layer of another package holding `self.table` and `self.scale`.
+    kprune.register_prunable_layer(their_package.Lookup, ["table"])
+    pruned = kprune.prune_low_magnitude(model)
     ```
     """
     if not (
