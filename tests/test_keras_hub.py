@@ -145,3 +145,37 @@ def test_registration_takes_precedence_over_the_keras_hub_table():
     paths = {w.path for w in registry.get_prunable_weights(backbone)}
     assert "position_embedding/embeddings" not in paths
     assert "token_embedding/embeddings" in paths
+
+
+def test_pruned_gpt2_layers_take_the_cached_decoding_calls():
+    # `GPT2CausalLM.generate` calls the backbone's layers one by one with
+    # `start_index=`, `self_attention_cache=` and its update index.
+    backbone = keras_hub.models.GPT2Backbone(**TEXT)
+    pruned = kprune.prune_low_magnitude(backbone)
+    wrappers = {w.layer.name: w for w in collect_pruned_layers(pruned)}
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 8)).astype("float32")
+    cache = rng.normal(size=(2, 2, 8, 2, 4)).astype("float32")
+    index = keras.ops.convert_to_tensor(2, "int32")
+    position = wrappers["position_embedding"]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(position(x, start_index=index)),
+        keras.ops.convert_to_numpy(
+            backbone.get_layer("position_embedding")(x, start_index=index)
+        ),
+        atol=1e-6,
+    )
+    decoder = wrappers["transformer_layer_0"]
+    kwargs = dict(
+        self_attention_cache=cache, self_attention_cache_update_index=index
+    )
+    for a, b in zip(
+        decoder(x, **kwargs),
+        backbone.get_layer("transformer_layer_0")(x, **kwargs),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a),
+            keras.ops.convert_to_numpy(b),
+            atol=1e-5,
+        )
