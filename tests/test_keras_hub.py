@@ -179,3 +179,23 @@ def test_pruned_gpt2_layers_take_the_cached_decoding_calls():
             keras.ops.convert_to_numpy(b),
             atol=1e-5,
         )
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "own kernel"])
+def test_masked_lm_head_prunes_its_kernels_not_the_shared_embedding(tied):
+    embedding = keras_hub.layers.ReversibleEmbedding(20, 8)
+    embedding.build((None, 4))
+    head = keras_hub.layers.MaskedLMHead(
+        vocabulary_size=20,
+        token_embedding=embedding if tied else None,
+        name="head",
+    )
+    head(
+        np.zeros((2, 4, 8), "float32"),
+        mask_positions=np.zeros((2, 2), "int32"),
+    )
+    paths = [w.path for w in registry.get_prunable_weights(head)]
+    expected = ["head/intermediate_dense/kernel"]
+    if not tied:
+        expected.append("head/output_kernel")
+    assert paths == expected

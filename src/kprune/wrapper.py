@@ -239,7 +239,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     For each pruned weight the wrapper holds a boolean mask (1 byte per
     weight) and the last threshold, plus one `pruning_step` counter. Use
     `kprune.prune_low_magnitude` rather than this class directly; the
-    arguments are the same.
+    arguments are the same. The wrapper is called exactly as the layer it
+    wraps (keywords, masks, `training`, extra arguments). A layer with
+    nothing to prune, such as `Dropout`, may be wrapped: it gets no mask.
 
     Args:
         layer: The Keras layer to prune.
