@@ -95,15 +95,18 @@ def _changed_arguments(wrapper, params):
 
 
 def _describe(source, names):
-    get = source.get if isinstance(source, dict) else source.__getattribute__
-    return ", ".join(f"{name}={get(name)!r}" for name in names)
+    values = source if isinstance(source, dict) else vars(source)
+    return ", ".join(f"{name}={values[name]!r}" for name in names)
 
 
-def _warn_kept_wrappers(model, selection):
-    """Warns about layers already pruned that keep their own arguments."""
+def _warn_kept_wrappers(pairs, advice, stacklevel):
+    """Warns about wrappers kept with arguments other than those asked.
+
+    Args:
+        pairs: `(wrapper, params asked for it or None)`.
+    """
     kept = {}
-    for wrapper in collect_pruned_layers(model):
-        params = selection.chosen(wrapper.layer) or selection.chosen(wrapper)
+    for wrapper, params in pairs:
         changed = params and _changed_arguments(wrapper, params)
         if changed:
             what = (
@@ -115,11 +118,8 @@ def _warn_kept_wrappers(model, selection):
         listed = "; ".join(f"{names} {what}" for what, names in kept.items())
         warnings.warn(
             "Layers already pruned are kept as they are, with their own "
-            f"pruning arguments: {listed}. To prune them with the new "
-            "arguments, strip the pruning first: "
-            "`kprune.prune_low_magnitude(kprune.strip_pruning(model), ...)` "
-            "(the stripped weights keep their zeros).",
-            stacklevel=4,
+            f"pruning arguments: {listed}. {advice}",
+            stacklevel=stacklevel + 1,
         )
 
 
@@ -461,7 +461,16 @@ def _prune_model(model, params, pruning_policy, layers=None):
         pruning_policy.ensure_model_supports_pruning(model)
     selection = _Selection(layers, params, pruning_policy)
     selection.check_names(model)
-    _warn_kept_wrappers(model, selection)
+    _warn_kept_wrappers(
+        [
+            (w, selection.chosen(w.layer) or selection.chosen(w))
+            for w in collect_pruned_layers(model)
+        ],
+        "To prune them with the new arguments, strip the pruning first: "
+        "`kprune.prune_low_magnitude(kprune.strip_pruning(model), ...)` "
+        "(the stripped weights keep their zeros).",
+        stacklevel=3,
+    )
     if _is_subclassed(model):
         pruned = _prune_subclassed(model, selection)
     else:
@@ -561,6 +570,7 @@ def prune_low_magnitude(
     pruned.fit(x, y, callbacks=[kprune.UpdatePruningStep()])
     ```
     """
+    _check_keywords(kwargs, to_prune)
     if isinstance(pruning_schedule, dict):
         if not _is_model(to_prune):
             raise ValueError(
@@ -602,7 +612,6 @@ def prune_low_magnitude(
         "block_pooling_type": block_pooling_type,
         "sparsity_m_by_n": sparsity_m_by_n,
     }
-    _check_keywords(kwargs, to_prune)
     if _is_model(to_prune):
         return _prune_model(to_prune, params, pruning_policy, layers)
     if layers is not None:
@@ -625,21 +634,16 @@ def prune_low_magnitude(
                 f"model. Received a list containing: {bad[0]!r}"
             )
         wrapped = [_wrap_layer(layer, params) for layer in to_prune]
-        kept = [
-            f"{layer.name!r} keeps "
-            f"{_describe(layer, _changed_arguments(layer, params))}"
-            for layer in to_prune
-            if isinstance(layer, PruneLowMagnitude)
-            and _changed_arguments(layer, params)
-        ]
-        if kept:
-            warnings.warn(
-                "Layers already pruned are kept as they are, with their own "
-                f"pruning arguments: {'; '.join(kept)}. To prune one with "
-                "this call's arguments, pass the layer it wraps "
-                "(`layer.layer`).",
-                stacklevel=2,
-            )
+        _warn_kept_wrappers(
+            [
+                (layer, params)
+                for layer in to_prune
+                if isinstance(layer, PruneLowMagnitude)
+            ],
+            "To prune one with this call's arguments, pass the layer it "
+            "wraps (`layer.layer`).",
+            stacklevel=2,
+        )
         return wrapped
     if isinstance(to_prune, keras.layers.Layer):
         return _wrap_layer(to_prune, params, alone=True)
