@@ -455,3 +455,18 @@ def test_unknown_layer_error_lists_its_real_weight_names():
     assert "`table` (4, 3), `scale` (3,)" in message
     assert "register_prunable_layer(ThirdParty, ['table', 'scale'])" in message
     assert "'kernel'" not in message
+
+
+def test_registered_name_that_is_not_a_weight_lists_the_real_ones():
+    class ThirdParty(layers.Layer):
+        def build(self, shape):
+            self.table = self.add_weight(shape=(shape[-1], 3))
+
+        def call(self, x):
+            return x @ self.table
+
+    kprune.register_prunable_layer(ThirdParty, ["kernel"])
+    layer = ThirdParty(name="third")
+    layer.build((None, 4))
+    with pytest.raises(ValueError, match=r"no weight 'kernel'.*\['table'\]"):
+        registry.get_prunable_weights(layer)

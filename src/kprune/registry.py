@@ -363,11 +363,12 @@ def _resolve(layer, path):
     for part in path.split("."):
         value = getattr(value, part, None)
         if value is None:
+            names = [name for name, _ in weight_attributes(layer)]
             raise ValueError(
                 f"Layer {layer.name!r} of class {type(layer).__name__} has no "
                 f"weight {path!r}, which is registered as prunable for its "
-                "class. Register the names of its weight attributes with "
-                "`kprune.register_prunable_layer`."
+                f"class. Its own weights are {names}. Register the names of "
+                "the weights to prune with `kprune.register_prunable_layer`."
             )
     return value
 
