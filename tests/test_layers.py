@@ -406,3 +406,67 @@ def test_every_prunable_layer_kind_trains_to_target_strips_and_saves(
         np.testing.assert_array_equal(w1, w2)
         np.testing.assert_array_equal(m1, m2)
     np.testing.assert_allclose(eager(loaded, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [layers.Dropout(0.5), layers.LayerNormalization()],
+    ids=["Dropout", "LayerNormalization"],
+)
+def test_layer_with_nothing_to_prune_can_be_wrapped_as_in_tfmot(layer):
+    wrapper = kprune.PruneLowMagnitude(layer)
+    model = keras.Sequential(
+        [keras.Input((4,)), layers.Dense(8), wrapper, layers.Dense(2)]
+    )
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(
+        x,
+        np.zeros((8, 2), "float32"),
+        batch_size=4,
+        verbose=0,
+        callbacks=[kprune.UpdatePruningStep()],
+    )
+    assert wrapper.pruning_vars == []
+    stripped = kprune.strip_pruning(model)
+    assert type(stripped.layers[1]) is type(layer)
+    np.testing.assert_allclose(
+        stripped.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_unknown_layer_error_lists_its_real_weight_names():
+    class ThirdParty(layers.Layer):
+        def build(self, shape):
+            self.table = self.add_weight(shape=(shape[-1], 3))
+            self._scale = self.add_weight(shape=(3,))
+
+        @property
+        def scale(self):
+            return self._scale
+
+        def call(self, x):
+            return (x @ self.table) * self.scale
+
+    model = keras.Sequential([keras.Input((4,)), ThirdParty(name="third")])
+    with pytest.raises(ValueError) as error:
+        kprune.prune_low_magnitude(model)
+    message = str(error.value)
+    assert "`table` (4, 3), `scale` (3,)" in message
+    assert "register_prunable_layer(ThirdParty, ['table', 'scale'])" in message
+    assert "'kernel'" not in message
+
+
+def test_registered_name_that_is_not_a_weight_lists_the_real_ones():
+    class ThirdParty(layers.Layer):
+        def build(self, shape):
+            self.table = self.add_weight(shape=(shape[-1], 3))
+
+        def call(self, x):
+            return x @ self.table
+
+    kprune.register_prunable_layer(ThirdParty, ["kernel"])
+    layer = ThirdParty(name="third")
+    layer.build((None, 4))
+    with pytest.raises(ValueError, match=r"no weight 'kernel'.*\['table'\]"):
+        registry.get_prunable_weights(layer)

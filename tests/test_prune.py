@@ -255,6 +255,128 @@ def test_pattern_arguments_apply_only_to_layers_being_wrapped():
     model = keras.Sequential(
         [keras.Input((8, 8, 1)), conv, layers.Flatten(), layers.Dense(3)]
     )
-    pruned = kprune.prune_low_magnitude(model, block_size=(2, 1))
+    # The layer wrapped first keeps its own pattern, and the call says so.
+    with pytest.warns(UserWarning, match="already pruned"):
+        pruned = kprune.prune_low_magnitude(model, block_size=(2, 1))
     blocks = [layer.block_size for layer in collect_pruned_layers(pruned)]
     assert blocks == [(1, 1), (2, 1)]
+
+
+def _net():
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(8, name="dense1"),
+            layers.Dense(8, name="dense2"),
+            layers.Dense(2, name="out"),
+        ],
+        name="net",
+    )
+
+
+NEW_SCHEDULE = kprune.PolynomialDecay(0.1, 0.8, 0, 10)
+
+
+def test_repruning_a_pruned_model_with_a_new_schedule_warns():
+    pruned = kprune.prune_low_magnitude(_net())
+    with pytest.warns(UserWarning, match="already pruned.*strip_pruning"):
+        again = kprune.prune_low_magnitude(pruned, NEW_SCHEDULE)
+    # As in tfmot, the wrappers keep their own schedule.
+    assert all(
+        w.pruning_schedule == kprune.ConstantSparsity(0.5, 0)
+        for w in collect_pruned_layers(again)
+    )
+    # Stripping first prunes with the new schedule.
+    stripped = kprune.strip_pruning(pruned)
+    fresh = kprune.prune_low_magnitude(stripped, NEW_SCHEDULE)
+    assert all(
+        w.pruning_schedule == NEW_SCHEDULE for w in collect_pruned_layers(fresh)
+    )
+
+
+def test_repruning_a_pruned_model_with_its_own_arguments_is_silent(recwarn):
+    pruned = kprune.prune_low_magnitude(_net(), NEW_SCHEDULE)
+    kprune.prune_low_magnitude(pruned)
+    kprune.prune_low_magnitude(pruned, NEW_SCHEDULE)
+    assert not [w for w in recwarn if "already pruned" in str(w.message)]
+
+
+def test_repruning_a_pruned_layer_with_a_new_schedule_fails():
+    wrapped = kprune.prune_low_magnitude(layers.Dense(3))
+    with pytest.raises(ValueError, match="already pruned.*layer.layer"):
+        kprune.prune_low_magnitude(wrapped, NEW_SCHEDULE)
+    with pytest.warns(UserWarning, match="already pruned"):
+        kprune.prune_low_magnitude([wrapped, layers.Dense(2)], NEW_SCHEDULE)
+    rewrapped = kprune.prune_low_magnitude(wrapped.layer, NEW_SCHEDULE)
+    assert rewrapped.pruning_schedule == NEW_SCHEDULE
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"layers": ["net"]},
+        {"layers": {"net": {}}},
+        {"pruning_schedule": {"net": 0.5}},
+    ],
+    ids=["layers list", "layers dict", "schedule dict"],
+)
+def test_the_model_own_name_as_a_layer_key_fails(kwargs):
+    with pytest.raises(ValueError, match="names the model itself.*'net'"):
+        kprune.prune_low_magnitude(_net(), **kwargs)
+
+
+def test_nested_model_name_as_a_layer_key_fails():
+    inner = _net()
+    x = keras.Input((4,))
+    outer = keras.Model(x, layers.Dense(1, name="head")(inner(x)))
+    with pytest.raises(
+        ValueError, match=r"names models, not layers: \['net'\]"
+    ):
+        kprune.prune_low_magnitude(outer, layers=["net", "head"])
+
+
+def test_structured_layer_whose_neighbour_is_not_structured_warns():
+    structured = kprune.StructuredSparsity(kprune.ConstantSparsity(0.5, 0))
+    with pytest.warns(UserWarning, match="prune nothing.*'dense1'.*'dense2'"):
+        kprune.prune_low_magnitude(
+            _net(), pruning_schedule={"dense1": structured}
+        )
+
+
+def test_structured_layers_that_prune_something_do_not_warn(recwarn):
+    structured = kprune.StructuredSparsity(kprune.ConstantSparsity(0.5, 0))
+    # dense2 keeps its units (it feeds `out`) but loses dense1's inputs.
+    kprune.prune_low_magnitude(
+        _net(), pruning_schedule={"dense1": structured, "dense2": structured}
+    )
+    # For the whole model the output layer keeps its units by design.
+    kprune.prune_low_magnitude(_net(), pruning_schedule=structured)
+    assert not [w for w in recwarn if "StructuredSparsity" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "to_prune,keyword,suggestion",
+    [
+        (_net, "pruning_shedule", "pruning_schedule"),
+        (lambda: layers.Dense(2), "pruning_shedule", "pruning_schedule"),
+        (lambda: layers.Dense(2), "nmae", "name"),
+        (_net, "layer", "layers"),
+    ],
+    ids=["model", "layer", "layer argument", "model layers"],
+)
+def test_misspelled_keyword_is_unknown_with_a_suggestion(
+    to_prune, keyword, suggestion
+):
+    with pytest.raises(
+        ValueError,
+        match=f"Unknown argument `{keyword}`.*Did you mean `{suggestion}`",
+    ):
+        kprune.prune_low_magnitude(
+            to_prune(), **{keyword: kprune.ConstantSparsity(0.5, 0)}
+        )
+
+
+def test_layer_arguments_for_a_model_say_they_are_for_layers():
+    with pytest.raises(ValueError, match="`name` is a `keras.layers.Layer`"):
+        kprune.prune_low_magnitude(_net(), name="pruned")
+    assert kprune.prune_low_magnitude(layers.Dense(2), name="p").name == "p"

@@ -1,5 +1,9 @@
 """`prune_low_magnitude`, `strip_pruning` and `prune_scope`."""
 
+import difflib
+import inspect
+import warnings
+
 import keras
 
 from kprune import registry
@@ -9,6 +13,7 @@ from kprune.schedules import PruningSchedule
 from kprune.schedules import is_real_number
 from kprune.wrapper import DEFAULT_SCHEDULE
 from kprune.wrapper import PruneLowMagnitude
+from kprune.wrapper import collect_pruned_layers
 from kprune.wrapper import validate_pruning_args
 from kprune.wrapper import validate_schedule
 
@@ -33,8 +38,18 @@ def _fresh_copy(layer):
     return layer.__class__.from_config(layer.get_config())
 
 
-def _wrap_layer(layer, params):
+def _wrap_layer(layer, params, alone=False):
     if isinstance(layer, PruneLowMagnitude):
+        changed = _changed_arguments(layer, params)
+        if changed and alone:
+            raise ValueError(
+                f"Layer {layer.name!r} is already pruned, with "
+                f"{_describe(layer, changed)}; `prune_low_magnitude` does "
+                "not wrap it again, so this call's "
+                f"{_describe(params, changed)} would be ignored. To prune "
+                "it with the new arguments, prune the layer it wraps: "
+                "`kprune.prune_low_magnitude(layer.layer, ...)`."
+            )
         return layer
     status = registry.status(layer)
     if status == registry.PRUNABLE:
@@ -52,6 +67,161 @@ def _copy_weights(pairs):
             new.layer.set_weights(old.get_weights())
         elif old.weights:
             new.set_weights(old.get_weights())
+
+
+# The arguments a wrapper keeps, and their defaults: an argument left at
+# its default was not asked for.
+_DEFAULTS = {
+    "pruning_schedule": DEFAULT_SCHEDULE,
+    "block_size": (1, 1),
+    "block_pooling_type": "AVG",
+    "sparsity_m_by_n": None,
+}
+
+
+def _changed_arguments(wrapper, params):
+    """The arguments in `params`, given (not defaults), that `wrapper`
+    was not built with."""
+    changed = []
+    for name, default in _DEFAULTS.items():
+        value = params[name]
+        given = (
+            value is not default
+            if name == "pruning_schedule"
+            else value != default
+        )
+        if given and value != getattr(wrapper, name):
+            changed.append(name)
+    return changed
+
+
+def _describe(source, names):
+    values = source if isinstance(source, dict) else vars(source)
+    return ", ".join(f"{name}={values[name]!r}" for name in names)
+
+
+def _warn_kept_wrappers(pairs, advice, stacklevel):
+    """Warns about wrappers kept with arguments other than those asked.
+
+    Args:
+        pairs: `(wrapper, params asked for it or None)`.
+    """
+    kept = {}
+    for wrapper, params in pairs:
+        changed = params and _changed_arguments(wrapper, params)
+        if changed:
+            what = (
+                f"keep {_describe(wrapper, changed)}, not "
+                f"{_describe(params, changed)}"
+            )
+            kept.setdefault(what, []).append(wrapper.name)
+    if kept:
+        listed = "; ".join(f"{names} {what}" for what, names in kept.items())
+        warnings.warn(
+            "Layers already pruned are kept as they are, with their own "
+            f"pruning arguments: {listed}. {advice}",
+            stacklevel=stacklevel + 1,
+        )
+
+
+def _graph_model_names(model):
+    """The names of `model` and of the Sequential or functional models
+    inside it: their layers are pruned one by one, so naming them selects
+    nothing."""
+    return {model.name} | {
+        layer.name
+        for layer in model._flatten_layers(include_self=False)
+        if _is_model(layer) and not _is_subclassed(layer)
+    }
+
+
+def _check_not_models(model, names, argument):
+    models = sorted(set(names) & _graph_model_names(model))
+    if not models:
+        return
+    what = (
+        f"the model itself ({models[0]!r})"
+        if models == [model.name]
+        else f"models, not layers: {models}"
+    )
+    raise ValueError(
+        f"Argument `{argument}` names {what}. Their layers are pruned one "
+        "by one, so a model's name selects nothing. Name the layers to "
+        "prune, select them by class (`layers=[keras.layers.Dense]`) or "
+        "with a function of a layer, or leave `layers=None` to prune every "
+        "prunable layer."
+    )
+
+
+def _warn_idle_structured(model, explicit):
+    """Warns when `StructuredSparsity` leaves layers given it dense."""
+    from kprune import structured
+
+    names = [
+        wrapper.layer.name
+        for wrapper in collect_pruned_layers(model)
+        if isinstance(wrapper.pruning_schedule, structured.StructuredSparsity)
+    ]
+    if not names:
+        return
+    idle = structured.idle_layers(model)
+    if not idle or (not explicit and len(idle) < len(names)):
+        # Given to the whole model, some layers (those feeding a
+        # `Concatenate`, say) always keep their units; warn only when
+        # the model would stay dense.
+        return
+    listed = "; ".join(f"{name!r}: {why}" for name, why in idle.items())
+    warnings.warn(
+        "`kprune.StructuredSparsity` will prune nothing in these layers "
+        f"(they keep all their units and inputs): {listed}. A unit is "
+        "removed only together with the weights that read it: every layer "
+        "that reads a structured layer must be pruned with the same "
+        "`StructuredSparsity` too (give it to the whole model, "
+        "`pruning_schedule=kprune.StructuredSparsity(...)`, or to those "
+        "layers as well) and reach it through layers kprune can rewire "
+        "(docs/structured.md). `kprune.structured_plan(pruned)` says which "
+        "layers shrink and why the others do not.",
+        stacklevel=4,
+    )
+
+
+# `keras.layers.Layer` arguments a wrapper takes through `**kwargs`.
+_LAYER_ARGUMENTS = tuple(
+    name
+    for name, p in inspect.signature(
+        keras.layers.Layer.__init__
+    ).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+) + ("input_shape", "input_dim")
+
+
+def _check_keywords(kwargs, to_prune):
+    own = list(inspect.signature(prune_low_magnitude).parameters)[:-1]
+    is_model = _is_model(to_prune)
+    for name in kwargs:
+        if name in _LAYER_ARGUMENTS and not is_model:
+            continue
+        if name in _LAYER_ARGUMENTS:
+            raise ValueError(
+                f"Argument `{name}` is a `keras.layers.Layer` argument, "
+                "passed to each wrapper when pruning a layer or a list of "
+                "layers, not a model. Received: "
+                f"{name}={kwargs[name]!r}"
+            )
+        known = own + ([] if is_model else list(_LAYER_ARGUMENTS))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        layer_note = (
+            ""
+            if is_model
+            else ", and for a layer `keras.layers.Layer` arguments such as "
+            "`name`"
+        )
+        raise ValueError(
+            f"Unknown argument `{name}` for `kprune.prune_low_magnitude`."
+            f"{hint} It takes {own}{layer_note}. Received: "
+            f"{name}={kwargs[name]!r}"
+        )
 
 
 def _schedule_map(schedules):
@@ -151,6 +321,13 @@ class _Selection:
         return None
 
     def check_names(self, model):
+        _check_not_models(
+            model,
+            [s for s, _ in self.entries if isinstance(s, str)],
+            "layers",
+        )
+        if any(s is model for s, _ in self.entries):
+            _check_not_models(model, [model.name], "layers")
         names = {layer.name for layer in model._flatten_layers()}
         missing = [
             s for s, _ in self.entries if isinstance(s, str) and s not in names
@@ -284,10 +461,23 @@ def _prune_model(model, params, pruning_policy, layers=None):
     if pruning_policy is not None:
         pruning_policy.ensure_model_supports_pruning(model)
     selection = _Selection(layers, params, pruning_policy)
-    if _is_subclassed(model):
-        return _prune_subclassed(model, selection)
     selection.check_names(model)
-    return _prune_graph_model(model, selection)
+    _warn_kept_wrappers(
+        [
+            (w, selection.chosen(w.layer) or selection.chosen(w))
+            for w in collect_pruned_layers(model)
+        ],
+        "To prune them with the new arguments, strip the pruning first: "
+        "`kprune.prune_low_magnitude(kprune.strip_pruning(model), ...)` "
+        "(the stripped weights keep their zeros).",
+        stacklevel=3,
+    )
+    if _is_subclassed(model):
+        pruned = _prune_subclassed(model, selection)
+    else:
+        pruned = _prune_graph_model(model, selection)
+    _warn_idle_structured(pruned, explicit=layers is not None)
+    return pruned
 
 
 def prune_low_magnitude(
@@ -323,7 +513,9 @@ def prune_low_magnitude(
       unit: one wrapper, with a mask for each prunable weight of every
       layer inside it (`MultiHeadAttention`, `LSTM`, `Bidirectional`...
       are pruned the same way).
-    - Layers already wrapped are kept as they are (not wrapped twice).
+    - Layers already wrapped are kept as they are (not wrapped twice),
+      with their own schedule and pattern; a warning says so when this
+      call asks for others (an error for a lone wrapper).
     - Layers without weights, and layers whose weights are not worth
       pruning (normalization layers), are kept dense.
 
@@ -359,9 +551,11 @@ def prune_low_magnitude(
         The wrapped layer, the list of wrapped layers, or the pruned model.
 
     Raises:
-        ValueError: If an argument is invalid, a layer's weights do not
-            suit the block or N:M pattern, or a layer has weights that
-            kprune does not know how to prune. Nothing is modified then.
+        ValueError: If an argument is invalid or unknown, `layers` or a
+            per-layer `pruning_schedule` names a model instead of layers,
+            a layer's weights do not suit the block or N:M pattern, or a
+            layer has weights that kprune does not know how to prune.
+            Nothing is modified then.
 
     Example:
 
@@ -377,6 +571,7 @@ def prune_low_magnitude(
     pruned.fit(x, y, callbacks=[kprune.UpdatePruningStep()])
     ```
     """
+    _check_keywords(kwargs, to_prune)
     if isinstance(pruning_schedule, dict):
         if not _is_model(to_prune):
             raise ValueError(
@@ -390,6 +585,7 @@ def prune_low_magnitude(
                 "dict or through `layers`, not both. Received both."
             )
         schedules = _schedule_map(pruning_schedule)
+        _check_not_models(to_prune, schedules, "pruning_schedule")
         prunable = {
             layer.name
             for layer in to_prune._flatten_layers()
@@ -418,12 +614,6 @@ def prune_low_magnitude(
         "sparsity_m_by_n": sparsity_m_by_n,
     }
     if _is_model(to_prune):
-        if kwargs:
-            raise ValueError(
-                "Extra keyword arguments are only accepted when pruning a "
-                "layer or a list of layers, not a model. Received: "
-                f"{sorted(kwargs)}"
-            )
         return _prune_model(to_prune, params, pruning_policy, layers)
     if layers is not None:
         raise ValueError(
@@ -444,9 +634,20 @@ def prune_low_magnitude(
                 "Argument `to_prune` must be a layer, a list of layers or a "
                 f"model. Received a list containing: {bad[0]!r}"
             )
-        return [_wrap_layer(layer, params) for layer in to_prune]
+        wrapped = [_wrap_layer(layer, params) for layer in to_prune]
+        _warn_kept_wrappers(
+            [
+                (layer, params)
+                for layer in to_prune
+                if isinstance(layer, PruneLowMagnitude)
+            ],
+            "To prune one with this call's arguments, pass the layer it "
+            "wraps (`layer.layer`).",
+            stacklevel=2,
+        )
+        return wrapped
     if isinstance(to_prune, keras.layers.Layer):
-        return _wrap_layer(to_prune, params)
+        return _wrap_layer(to_prune, params, alone=True)
     raise ValueError(
         "Argument `to_prune` must be a Keras layer, a list of layers, or a "
         f"Sequential or functional model. Received: {to_prune!r}"

@@ -53,6 +53,47 @@ _PRUNABLE_WEIGHTS = {
     keras.layers.ConvLSTM3D: ("cell.kernel", "cell.recurrent_kernel"),
 }
 
+# Layers of optional packages, which kprune does not import, by their
+# qualified class name (module and class), matched over the class's MRO
+# like the classes above: names of the weights to prune, a function of the
+# layer giving them, or `()` for nothing to prune. A registration with
+# `register_prunable_layer` takes precedence.
+_KERAS_HUB = "keras_hub.src."
+_PRUNABLE_BY_NAME = {
+    _KERAS_HUB + "layers.modeling.position_embedding.PositionEmbedding": (
+        "position_embeddings",
+    ),
+    # Its output kernel exists only when it does not reuse the token
+    # embedding, which the backbone prunes.
+    _KERAS_HUB + "layers.modeling.masked_lm_head.MaskedLMHead": lambda layer: (
+        ("_intermediate_dense.kernel",)
+        + (("_kernel",) if layer.token_embedding is None else ())
+    ),
+    _KERAS_HUB + "models.deberta_v3.relative_embedding.RelativeEmbedding": (
+        "rel_embeddings",
+    ),
+    # Normalization scales.
+    **{
+        _KERAS_HUB + name: ()
+        for name in (
+            "layers.modeling.rms_normalization.RMSNormalization",
+            "models.gemma.rms_normalization.RMSNormalization",
+            "models.gemma3.gemma3_layers.RMSNormalization",
+            "models.gemma3n.rms_normalization.Gemma3nRMSNorm",
+            "models.gpt_oss.gpt_oss_layer_norm.GptOssLayerNormalization",
+            "models.llama.llama_layernorm.LlamaLayerNorm",
+            "models.mistral.mistral_layer_norm.MistralLayerNormalization",
+            "models.mixtral.mixtral_layer_norm.MixtralLayerNormalization",
+            "models.phi3.phi3_layernorm.Phi3LayerNorm",
+            "models.qwen.qwen_layernorm.QwenLayerNorm",
+            "models.qwen3.qwen3_layernorm.Qwen3LayerNorm",
+            "models.qwen_moe.qwen_moe_layernorm.QwenMoeLayerNorm",
+            "models.qwen3_moe.qwen3_moe_layernorm.Qwen3MoeLayerNorm",
+            "models.t5.t5_layer_norm.T5LayerNorm",
+        )
+    },
+}
+
 # Containers whose own weights (if any) are not worth pruning: they are
 # pruned through their sublayers (query/key/value/output projections,
 # cells, the wrapped layer).
@@ -125,10 +166,9 @@ def register_prunable_layer(layer_class, weight_names) -> None:
     Example:
 
     ```python
-    kprune.register_prunable_layer(
-        keras_hub.layers.PositionEmbedding, ["position_embeddings"]
-    )
-    pruned = kprune.prune_low_magnitude(backbone)
+    # A layer of another package holding `self.table` and `self.scale`.
+    kprune.register_prunable_layer(their_package.Lookup, ["table"])
+    pruned = kprune.prune_low_magnitude(model)
     ```
     """
     if not (
@@ -158,8 +198,12 @@ def input_channel_axis(layer) -> int:
 
 def _registered_names(layer):
     for cls in type(layer).__mro__:
-        if cls in _PRUNABLE_WEIGHTS:
-            names = _PRUNABLE_WEIGHTS[cls]
+        names = _PRUNABLE_WEIGHTS.get(cls)
+        if names is None:
+            names = _PRUNABLE_BY_NAME.get(
+                f"{cls.__module__}.{cls.__qualname__}"
+            )
+        if names is not None:
             return tuple(names(layer)) if callable(names) else names
     return None
 
@@ -258,18 +302,60 @@ def unsupported_layer_error(layer) -> ValueError:
             "`keras.models.clone_model` and a `clone_function`."
         )
     name = type(culprit).__name__
+    attributes = weight_attributes(culprit)
+    if attributes:
+        listed = ", ".join(
+            f"`{attribute}` {tuple(weight.shape)}"
+            for attribute, weight in attributes
+        )
+        weights = f"has weights of its own ({listed}), but"
+        example = [attribute for attribute, _ in attributes]
+        build = ""
+    else:
+        weights = "is not built yet, so"
+        example = ["<its weight attributes>"]
+        build = " Build it first (call it on an input) to see its weights."
     return ValueError(
-        f"Layer {culprit.name!r} of class {name}{inside} has weights, but "
-        "kprune does not know which of them to prune. Make it prunable "
-        "either by subclassing `kprune.PrunableLayer` and returning the "
-        "weights to prune from `get_prunable_weights()`, or, for a class "
-        "you cannot edit, with "
-        f"`kprune.register_prunable_layer({name}, ['kernel'])` (the names "
-        "of its weight attributes; `[]` keeps it dense). If it is not built "
-        "yet, build it first. Or leave it out of pruning: choose the layers "
-        "with the `layers=` argument of `kprune.prune_low_magnitude`, or "
-        "with `keras.models.clone_model` and a `clone_function`."
+        f"Layer {culprit.name!r} of class {name}{inside} {weights} kprune "
+        "does not know which of them to prune. Make it prunable either by "
+        "subclassing `kprune.PrunableLayer` and returning the weights to "
+        "prune from `get_prunable_weights()`, or, for a class you cannot "
+        f"edit, with `kprune.register_prunable_layer({name}, {example!r})` "
+        "(keep the names of the weights worth pruning; `[]` keeps it "
+        f"dense).{build} Or leave it out of pruning: choose the layers with "
+        "the `layers=` argument of `kprune.prune_low_magnitude`, or with "
+        "`keras.models.clone_model` and a `clone_function`."
     )
+
+
+def weight_attributes(layer) -> list:
+    """`(attribute name, variable)` for each weight `layer` holds itself.
+
+    The names are those `register_prunable_layer` takes: the public
+    property (`kernel`) where the variable is stored privately (`_kernel`),
+    else the attribute itself. Variables not held in an attribute (in a
+    list, say) are named by their path.
+    """
+    found = []
+    attributes = vars(layer)
+    for weight in _own_weights(layer):
+        names = [
+            n
+            for n, v in attributes.items()
+            if v is weight and n != "_trainable_variables"
+        ]
+        if not names:
+            found.append((weight.path, weight))
+            continue
+        name = names[0]
+        public = name.lstrip("_")
+        try:
+            if public != name and getattr(layer, public, None) is weight:
+                name = public
+        except Exception:  # a property that fails on this layer
+            pass
+        found.append((name, weight))
+    return found
 
 
 def _resolve(layer, path):
@@ -277,11 +363,12 @@ def _resolve(layer, path):
     for part in path.split("."):
         value = getattr(value, part, None)
         if value is None:
+            names = [name for name, _ in weight_attributes(layer)]
             raise ValueError(
                 f"Layer {layer.name!r} of class {type(layer).__name__} has no "
                 f"weight {path!r}, which is registered as prunable for its "
-                "class. Register the names of its weight attributes with "
-                "`kprune.register_prunable_layer`."
+                f"class. Its own weights are {names}. Register the names of "
+                "the weights to prune with `kprune.register_prunable_layer`."
             )
     return value
 

@@ -433,6 +433,24 @@ def structured_plan(model) -> dict:
     return dict(_Plan(model, _structured_names(model)).reasons)
 
 
+def idle_layers(model) -> dict:
+    """Layers pruned with `StructuredSparsity` that it leaves dense.
+
+    A layer is idle when it keeps all its units and reads no unit that
+    another layer loses (so no input weight of it is masked either).
+
+    Returns:
+        A dict of layer name to the reason it keeps its units.
+    """
+    plan = _Plan(model, _structured_names(model))
+    readers = {name for space in plan.spaces for name, _ in space.consumers}
+    return {
+        name: reason
+        for name, reason in plan.reasons.items()
+        if reason is not None and name not in readers
+    }
+
+
 class StructuredGroup(MaskGroup):
     """Computes the masks of the `StructuredSparsity` layers of a model."""
 

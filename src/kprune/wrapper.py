@@ -18,6 +18,8 @@ updated weights with those masks, which the call handed it within the same
 trace.
 """
 
+import inspect
+
 import keras
 import numpy as np
 from keras import ops
@@ -257,7 +259,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     For each pruned weight the wrapper holds a boolean mask (1 byte per
     weight) and the last threshold, plus one `pruning_step` counter. Use
     `kprune.prune_low_magnitude` rather than this class directly; the
-    arguments are the same.
+    arguments are the same. The wrapper is called exactly as the layer it
+    wraps (keywords, masks, `training`, extra arguments). A layer with
+    nothing to prune, such as `Dropout`, may be wrapped: it gets no mask.
 
     Args:
         layer: The Keras layer to prune.
@@ -295,9 +299,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         )
         status = registry.status(layer)
         # An unbuilt container (a custom layer that creates its sublayers
-        # in `build`) is checked when built.
+        # in `build`) is checked when built. A layer with nothing to prune
+        # (Dropout, a normalization) is wrapped with no masks, as in tfmot.
         if status == registry.REJECTED or (
-            status != registry.PRUNABLE and layer.built
+            status == registry.UNKNOWN and layer.built
         ):
             raise registry.unsupported_layer_error(layer)
         if layer.built:
@@ -334,14 +339,58 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         input_shape = getattr(layer, "_input_shape_arg", None)
         if input_shape is not None and "input_shape" not in kwargs:
             self._input_shape_arg = input_shape
+        self._mirror_call_signature()
+
+    def _mirror_call_signature(self):
+        """Makes Keras see the wrapped layer's `call` signature here.
+
+        Keras binds a call's arguments to the layer's `call` signature to
+        find its tensors, fill in masks (`mask`, or `query_mask` for an
+        input `query`) and `training`. With the wrapped layer's signature,
+        keyword calls such as `mha(query=x, value=x)`, extra arguments
+        such as keras-hub's `cache=` and masks reach the wrapped layer
+        exactly as they would unwrapped.
+        """
+        layer = self.layer
+        signature = inspect.signature(layer.call)
+        params = list(signature.parameters.values())
+        # The wrapper needs `training` even when the wrapped layer does not
+        # take it (it then reads it from the call context).
+        self._inner_takes_training = "training" in signature.parameters
+        if not self._inner_takes_training:
+            position = len(params)
+            if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+                position -= 1
+            params.insert(
+                position,
+                inspect.Parameter(
+                    "training", inspect.Parameter.KEYWORD_ONLY, default=None
+                ),
+            )
+            signature = signature.replace(parameters=params)
+        # Keras's own attributes, derived from the signature in
+        # `Layer.__init__`; there is no public way to set them.
+        self._call_signature = signature
+        self.call_signature_parameters = list(signature.parameters)
+        self._call_has_training_arg = True
+        self._call_has_mask_arg = "mask" in signature.parameters
+        self._call_context_args = set(layer._call_context_args) | {"training"}
+        self._call_has_context_arg = {
+            arg: arg in signature.parameters for arg in self._call_context_args
+        }
+        self._allow_non_tensor_positional_args = (
+            layer._allow_non_tensor_positional_args
+        )
+        self.supports_masking = layer.supports_masking
+
+    def _inner_kwargs(self, kwargs):
+        """`kwargs` without the `training` the wrapped layer does not take."""
+        if self._inner_takes_training or "training" not in kwargs:
+            return kwargs
+        return {k: v for k, v in kwargs.items() if k != "training"}
 
     @staticmethod
     def _check_weights(layer, weights, block_size, sparsity_m_by_n):
-        if not weights:
-            raise ValueError(
-                f"Layer {layer.name!r} has no weights to prune: "
-                "`get_prunable_weights()` returned an empty list."
-            )
         for weight in weights:
             rank = len(weight.shape)
             if block_size != (1, 1) and rank != 2:
@@ -411,7 +460,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 self, i, original, advances_step=(i == clock), last=(i == last)
             )
 
-    def call(self, inputs, *args, training=None, **kwargs):
+    def call(self, *args, **kwargs):
+        # Keras has bound the arguments to the wrapped layer's signature
+        # (see `_mirror_call_signature`), and added `training` and masks.
+        training = kwargs.get("training")
         # Checked when the training step is traced, so a missing callback
         # stops `fit` before any update (on JAX, after `fit` has detached
         # the weights: see `MISSING_CALLBACK_MESSAGE`).
@@ -420,8 +472,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
         if training and STEP_IN_CALL:
             self._advance_step()
-        # The wrapped layer reads `training` from the call context.
-        return self.layer(inputs, *args, **kwargs)
+        # A `training` the wrapped layer does not take goes to its call
+        # context, where its own sublayers read it.
+        return self.layer(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         if not self.built and not self.layer.built:
@@ -439,7 +492,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         # The wrapped layer's own spec: it handles inputs of any number and
         # kind (attention), and layers whose `call` cannot be traced with
         # unknown dimensions on JAX (keras-hub's `PositionEmbedding`).
-        return self.layer.compute_output_spec(*args, **kwargs)
+        return self.layer.compute_output_spec(
+            *args, **self._inner_kwargs(kwargs)
+        )
 
     def get_build_config(self):
         config = dict(super().get_build_config() or {})
