@@ -8,6 +8,8 @@ from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
 from kprune.wrapper import DEFAULT_SCHEDULE
 from kprune.wrapper import PruneLowMagnitude
+from kprune.wrapper import _PruningConstraint
+from kprune.wrapper import collect_pruned_layers
 from kprune.wrapper import validate_pruning_args
 from kprune.wrapper import validate_schedule
 
@@ -16,20 +18,114 @@ def _is_model(obj) -> bool:
     return isinstance(obj, keras.Model)
 
 
-def _clone_graph_model(model, clone_function):
-    return keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True
-    )
-
-
 def _is_subclassed(model) -> bool:
     return not isinstance(model, keras.Sequential) and not hasattr(
         model, "_nodes_by_depth"
     )
 
 
-def _fresh_copy(layer):
-    return layer.__class__.from_config(layer.get_config())
+def _copy_layer(layer):
+    """A new layer like `layer`, or `layer` itself if none can be made.
+
+    A built Keras 3 layer cannot be copied as a live object (`copy.deepcopy`
+    goes through `.keras` serialization, or fails on the layer's tracked
+    state), so the copy is made by the class itself from the layer's
+    config: no registration is needed. A layer that its config cannot
+    rebuild (an `__init__` without `**kwargs`, a `get_config` missing an
+    argument) is reused as it is, as tfmot reuses every layer.
+    """
+    try:
+        return type(layer).from_config(layer.get_config())
+    except Exception:
+        return layer
+
+
+def _input_tensors(model):
+    """New inputs for a functional clone, named like the model's."""
+    names = {
+        id(layer.output): layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.InputLayer)
+    }
+    return keras.tree.map_structure(
+        lambda t: keras.Input(
+            batch_shape=t.shape,
+            dtype=t.dtype,
+            sparse=t.sparse,
+            name=names.get(id(t), t.name),
+        ),
+        model.input,
+    )
+
+
+def _clone_graph_model(model, clone_function):
+    """Clones `model` level by level, uncompiled, keeping its class."""
+    memo = {}
+
+    def clone(layer):
+        if id(layer) not in memo:
+            if _is_model(layer) and not _is_subclassed(layer):
+                memo[id(layer)] = _clone_one(layer)
+            else:
+                memo[id(layer)] = clone_function(layer)
+        return memo[id(layer)]
+
+    def _clone_one(graph):
+        compiled = graph.compiled
+        try:
+            # `clone_model` compiles the clone of a compiled model; like
+            # tfmot's, the result is not compiled (it has no optimizer).
+            graph.compiled = False
+            if isinstance(graph, keras.Sequential):
+                new = keras.models.clone_model(graph, clone_function=clone)
+            else:
+                new = keras.models.clone_model(
+                    graph,
+                    input_tensors=_input_tensors(graph),
+                    clone_function=clone,
+                )
+        finally:
+            graph.compiled = compiled
+        _keep_class(graph, new, memo)
+        return new
+
+    return _clone_one(model), memo
+
+
+def _keep_class(model, new, memo):
+    """Gives the clone `new` the class and attributes of `model`.
+
+    `clone_model` returns a plain `Functional` for a functional subclass
+    (a keras-hub task model or backbone); its methods (`generate`) and
+    attributes (`backbone.transformer_layers`) are restored here, with
+    every layer attribute pointing at the clone's layer.
+    """
+    if type(new) is type(model):
+        return
+    try:
+        new.__class__ = type(model)
+    except TypeError:
+        return
+
+    def convert(value):
+        if isinstance(value, keras.layers.Layer):
+            if id(value) in memo:
+                return memo[id(value)]
+            return value  # not in the graph: a preprocessor, say
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if type(value) is tuple:
+            return tuple(convert(v) for v in value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    own = vars(new)
+    for name, value in vars(model).items():
+        if name not in own:
+            # Keras locks a built model's attributes, and these layers are
+            # tracked already through the clone's graph.
+            object.__setattr__(new, name, convert(value))
 
 
 def _wrap_layer(layer, params):
@@ -45,10 +141,22 @@ def _wrap_layer(layer, params):
 
 def _copy_weights(pairs):
     for old, new in pairs:
+        if new is old:
+            continue
         if isinstance(new, PruneLowMagnitude) and not isinstance(
             old, PruneLowMagnitude
         ):
-            new.layer.set_weights(old.get_weights())
+            if new.layer is not old:
+                new.layer.set_weights(old.get_weights())
+        elif isinstance(new, PruneLowMagnitude):
+            if new.layer is not old.layer:
+                new.layer.set_weights(old.layer.get_weights())
+            for (_, mask, threshold), (_, m, t) in zip(
+                new.pruning_vars, old.pruning_vars
+            ):
+                mask.assign(m)
+                threshold.assign(t)
+            new.pruning_step.assign(old.pruning_step)
         elif old.weights:
             new.set_weights(old.get_weights())
 
@@ -171,7 +279,14 @@ def _prune_graph_model(model, selection):
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless operation, such as a `GetItem`
         if isinstance(layer, PruneLowMagnitude):
-            new = _fresh_copy(layer)
+            new = PruneLowMagnitude(
+                _copy_layer(layer.layer),
+                pruning_schedule=layer.pruning_schedule,
+                block_size=layer.block_size,
+                block_pooling_type=layer.block_pooling_type,
+                sparsity_m_by_n=layer.sparsity_m_by_n,
+                name=layer.name,
+            )
             pairs.append((layer, new))
             return new
         params = selection.chosen(layer)
@@ -184,19 +299,19 @@ def _prune_graph_model(model, selection):
                     params["block_size"],
                     params["sparsity_m_by_n"],
                 )
-            new = PruneLowMagnitude(_fresh_copy(layer), **params)
+            new = PruneLowMagnitude(_copy_layer(layer), **params)
         elif (
             status in (registry.PRUNABLE, registry.NOTHING_TO_PRUNE)
             or (params is None and not selection.all)
             or (status == registry.UNKNOWN and not layer.weights)
         ):
-            new = _fresh_copy(layer)
+            new = _copy_layer(layer)
         else:
             raise registry.unsupported_layer_error(layer)
         pairs.append((layer, new))
         return new
 
-    pruned = _clone_graph_model(model, clone)
+    pruned, _ = _clone_graph_model(model, clone)
     _copy_weights(pairs)
     return pruned
 
@@ -489,74 +604,55 @@ def strip_pruning(model):
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
             return layer
-        new = _fresh_copy(
-            layer.layer if isinstance(layer, PruneLowMagnitude) else layer
-        )
+        if isinstance(layer, PruneLowMagnitude):
+            new = _copy_layer(layer.layer)
+            if new is layer.layer:
+                new = _unwrap(layer)
+        else:
+            new = _copy_layer(layer)
         pairs.append((layer, new))
         return new
 
-    stripped = _clone_graph_model(model, clone)
+    stripped, _ = _clone_graph_model(model, clone)
     for old, new in pairs:
         if isinstance(old, PruneLowMagnitude):
             new.set_weights(old.masked_layer_weights())
-        elif old.weights:
+        elif old.weights and new is not old:
             new.set_weights(old.get_weights())
-    if stripped.compiled:
-        # `clone_model` recompiles the copy with a new optimizer whose
-        # state would be saved with it; an export needs only the weights.
-        plain = stripped.__class__.from_config(stripped.get_config())
-        plain.set_weights(stripped.get_weights())
-        return plain
     return stripped
 
 
+def _unwrap(wrapper):
+    """The wrapped layer, with its weights masked and own constraints."""
+    layer = wrapper.layer
+    layer.set_weights(wrapper.masked_layer_weights())
+    for weight, _, _ in wrapper.pruning_vars:
+        constraint = weight.constraint
+        if isinstance(constraint, _PruningConstraint):
+            weight.constraint = constraint.original
+    return layer
+
+
 def _strip_subclassed(model):
-    wrappers = [
-        child
-        for child in registry.sublayers(model)
-        if isinstance(child, PruneLowMagnitude)
-    ]
-    try:
-        plain = model.__class__.from_config(model.get_config())
-    except Exception as error:
-        raise ValueError(
-            f"`strip_pruning` copies subclassed model {model.name!r} with "
-            f"`{type(model).__name__}.from_config(model.get_config())`, "
-            f"which failed: {error}. Give the class a `get_config` that "
-            "returns its constructor arguments, or read the sparse weights "
-            "of each `kprune.PruneLowMagnitude` inside it with "
-            "`layer.masked_layer_weights()`."
-        ) from error
-    build_config = model.get_build_config()
-    if build_config:
-        plain.build_from_config(build_config)
-    masked = {}
-    for wrapper in wrappers:
-        for variable, value in zip(
-            wrapper.layer.weights, wrapper.masked_layer_weights()
+    """Strips a subclassed model in place, as it was pruned."""
+    plan = []
+    for child in registry.sublayers(model):
+        if isinstance(child, PruneLowMagnitude):
+            plan.append((child, None))
+        elif (
+            _is_model(child)
+            and not _is_subclassed(child)
+            and collect_pruned_layers(child)
         ):
-            masked[id(variable)] = value
-    # With the wrappers taken out, the model has the architecture of the
-    # copy, so their weights line up.
-    for wrapper in wrappers:
-        _replace_everywhere(model, wrapper, wrapper.layer)
-    try:
-        values = [masked.get(id(v), None) for v in model.weights]
-        values = [
-            keras.ops.convert_to_numpy(v) if value is None else value
-            for v, value in zip(model.weights, values)
-        ]
-    finally:
-        for wrapper in wrappers:
-            _replace_everywhere(model, wrapper.layer, wrapper)
-    if [tuple(v.shape) for v in plain.weights] != [v.shape for v in values]:
-        raise ValueError(
-            f"`strip_pruning` could not match the weights of subclassed model "
-            f"{model.name!r} with those of a fresh copy built from its "
-            "config: build the model by calling it once before pruning."
-        )
-    plain.set_weights(values)
-    return plain
+            plan.append((child, strip_pruning(child)))
+    # Everything is copied before the model is changed.
+    for old, new in plan:
+        _replace_everywhere(model, old, _unwrap(old) if new is None else new)
+    # Training steps traced with the wrappers would still call them.
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+    return model
 
 
 _CUSTOM_OBJECTS = {
