@@ -214,7 +214,10 @@ else:
         ("litert_sparse_dynamic_range", "dynamic_range"),
     ]:
         litert_paths[name] = os.path.join(out, name + ".tflite")
-        kprune.export_litert(stripped, litert_paths[name], quantize=quantize)
+        # TFLite's sparse format, as tfmot's files above.
+        kprune.export_litert(
+            stripped, litert_paths[name], quantize=quantize, sparse_format=True
+        )
 for name, path in litert_paths.items():
     record(name, path)
     accuracies[name + "_first_2000"] = litert_accuracy(path)

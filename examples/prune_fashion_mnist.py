@@ -92,8 +92,8 @@ SIZE_ROWS = [
     ("Keras weights, pruned", "pruned_bytes"),
     ("kprune compact, float32 (bit-exact)", "compact_bytes"),
     ("kprune compact, int8", "compact_int8_bytes"),
-    ("LiteRT, sparse", "litert_bytes"),
-    ("LiteRT, sparse + dynamic range int8", "litert_dynamic_range_bytes"),
+    ("LiteRT", "litert_bytes"),
+    ("LiteRT, dynamic range int8", "litert_dynamic_range_bytes"),
 ]
 
 

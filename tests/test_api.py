@@ -17,6 +17,7 @@ TFMOT_NAMES = {
     "PolynomialDecay",
     "PrunableLayer",
     "PruningPolicy",
+    "PruneForLatencyOnXNNPack",
 }
 
 # Export, compression and reporting (issue 6).

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import sys
 
 import h5py
@@ -221,6 +222,19 @@ def test_rejects_bad_quantize_and_leaves_existing_file(tmp_path):
     with pytest.raises(ValueError, match="Keras model"):
         kprune.save_compact("not a model", path)
     assert path.read_bytes() == b"keep me"
+    assert os.listdir(tmp_path) == ["model.h5"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["022", "002"])
+def test_compact_file_has_the_mode_of_any_new_file(tmp_path, umask):
+    path = tmp_path / "model.h5"
+    previous = os.umask(umask)
+    try:
+        kprune.save_compact(mlp(), path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert os.listdir(tmp_path) == ["model.h5"]
 
 

@@ -1,5 +1,6 @@
 """Plots of sparsity, schedules and masks."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -12,6 +13,15 @@ from testing import small_cnn
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG"
+
+
+def rendered(figure):
+    """`figure` drawn by Agg, and the renderer (for text extents)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
 
 
 def test_plot_sparsity_draws_one_bar_per_pruned_weight(tmp_path):
@@ -70,3 +80,41 @@ def test_plot_mask_shows_kept_weights_black(tmp_path):
 def test_plots_reject_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_plot_sparsity_labels_of_large_layers_fit_in_the_figure(tmp_path):
+    from matplotlib.text import Text
+
+    model = keras.Sequential(
+        [
+            keras.Input((1600,)),
+            keras.layers.Dense(1600, name="a_rather_long_layer_name"),
+            keras.layers.Dense(10),
+        ]
+    )
+    kernel = keras.ops.convert_to_numpy(model.layers[0].kernel)
+    kernel[:, : 1600 * 9 // 10] = 0.0
+    model.layers[0].kernel.assign(kernel)
+    figure = kprune.plot_sparsity(model, tmp_path / "sparsity.png")
+    renderer = rendered(figure)
+    texts = [
+        t for t in figure.findobj(Text) if t.get_visible() and t.get_text()
+    ]
+    assert "90.0% of 2,560,000" in [t.get_text() for t in texts]
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert figure.bbox.contains(extent.x0, extent.y0), text.get_text()
+        assert figure.bbox.contains(extent.x1, extent.y1), text.get_text()
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (3, 3, 2, 4), (7,), (40, 5)])
+def test_plot_mask_ticks_are_whole_rows_and_columns(shape):
+    weight = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    figure = kprune.plot_mask(weight)
+    rendered(figure)
+    axes = figure.axes[0]
+    rows, cols = axes.images[0].get_array().shape
+    for ticks, limit in [(axes.get_yticks(), rows), (axes.get_xticks(), cols)]:
+        shown = [t for t in ticks if -0.5 <= t <= limit - 0.5]
+        assert shown, ticks
+        assert all(float(t).is_integer() for t in shown), ticks

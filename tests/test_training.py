@@ -33,21 +33,36 @@ class RecordAfterEachBatch(keras.callbacks.Callback):
         self.zeros.append(row)
 
 
-def test_fit_without_update_pruning_step_fails_at_once_and_changes_nothing():
-    pruned = compile_classifier(kprune.prune_low_magnitude(mlp()))
+@pytest.mark.parametrize("compile_again", [False, True])
+def test_fit_without_update_pruning_step_fails_and_the_advice_works(
+    compile_again,
+):
+    model = mlp()
+    schedule = kprune.ConstantSparsity(0.5, begin_step=0, frequency=4)
+    pruned = compile_classifier(kprune.prune_low_magnitude(model, schedule))
     before = [np.array(w) for w in pruned.get_weights()]
     x, y = classification_data()
-    with pytest.raises(RuntimeError, match="UpdatePruningStep"):
+    with pytest.raises(RuntimeError, match="UpdatePruningStep") as error:
         pruned.fit(x, y, epochs=1, verbose=0)
     if keras.backend.backend() == "jax":
         # Keras's JAX `fit` detaches the weights from the model before the
-        # first step and cannot reattach them when that step fails.
-        return
-    for a, b in zip(before, pruned.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    compile_classifier(pruned)
+        # first step and cannot reattach them when that step fails: the
+        # message says so, and that pruning the original model again works.
+        assert "can no longer be used" in str(error.value)
+        assert "Prune the original model again" in str(error.value)
+        pruned = kprune.prune_low_magnitude(model, schedule)
+        compile_classifier(pruned)
+    else:
+        assert "no need to compile again" in str(error.value)
+        for a, b in zip(before, pruned.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        if compile_again:
+            compile_classifier(pruned)
     fit_pruned(pruned, x, y)
     assert steps(pruned) == [8, 8]
+    assert kprune.sparsity_report(pruned)["pruned_total"][
+        "sparsity"
+    ] == pytest.approx(0.5, abs=0.01)
 
 
 def test_first_batch_is_step_one_and_step_counts_batches():

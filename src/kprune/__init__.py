@@ -19,6 +19,7 @@ from kprune.prunable_layer import PrunableLayer
 from kprune.prune import prune_low_magnitude
 from kprune.prune import prune_scope
 from kprune.prune import strip_pruning
+from kprune.pruning_policy import PruneForLatencyOnXNNPack
 from kprune.pruning_policy import PruningPolicy
 from kprune.registry import register_prunable_layer
 from kprune.schedules import ConstantSparsity
@@ -40,6 +41,7 @@ __all__ = [
     "GlobalSparsity",
     "PolynomialDecay",
     "PrunableLayer",
+    "PruneForLatencyOnXNNPack",
     "PruneLowMagnitude",
     "PruningPolicy",
     "PruningSchedule",

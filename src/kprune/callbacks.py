@@ -57,8 +57,9 @@ class UpdatePruningStep(keras.callbacks.Callback):
     In a custom training loop, call `set_model(model)` and
     `on_train_begin()` once before the first step; the optimizer's
     `apply`/`apply_gradients` then advances the step and updates masks.
-    The other hooks (`on_train_batch_begin`, `on_epoch_end`) may be called
-    as in `tfmot` code but are not needed.
+    The other hooks may be called as in `tfmot` code, with its argument
+    names (`on_train_batch_begin(batch=...)`, `on_epoch_end(batch=...)`),
+    but are not needed.
 
     Example:
 
@@ -73,15 +74,25 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.prunable_layers = collect_pruned_layers(self.model)
+        retrace = False
         for layer in self.prunable_layers:
             layer._step_driven = True
+            retrace = retrace or layer._traced_without_callback
+            layer._traced_without_callback = False
         groups.connect_groups(self.model, self.prunable_layers)
+        if retrace and getattr(self.model, "compiled", False):
+            # The last `fit` failed while tracing its training step, which
+            # TensorFlow cannot trace again: start from a new one, so that
+            # `fit` with this callback works without compiling again.
+            self.model.make_train_function(force=True)
 
     def on_train_end(self, logs=None):
         for layer in self.prunable_layers:
             layer._step_driven = False
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch=None, logs=None, batch=None):
+        # `batch` is the name `tfmot` gives the epoch here; its guides call
+        # `on_epoch_end(batch=...)`.
         if logs is not None and self.prunable_layers:
             logs["sparsity"] = pruning_stats(self.model)["sparsity"]
 
@@ -92,14 +103,21 @@ class PruningSummaries(keras.callbacks.TensorBoard):
     Besides everything `keras.callbacks.TensorBoard` writes, it logs to the
     `train` run, as scalars at the current pruning step:
     `<weight path>/sparsity` and `<weight path>/threshold` for each pruned
-    weight, and `model_sparsity` for all pruned weights together. It logs
-    at the end of each epoch and, when `update_freq` is an integer, every
-    `update_freq` batches. Needs TensorFlow (for `tf.summary`).
+    weight, and `model_sparsity` for all pruned weights together. In `fit`
+    it logs at the end of each epoch and, when `update_freq` is an
+    integer, every `update_freq` batches. Outside `fit` (a custom training
+    loop that calls its hooks by hand, as `tfmot`'s guide does), it also
+    logs when `on_epoch_begin` is called. It never logs the same step
+    twice. Needs TensorFlow (for `tf.summary`).
 
     Args:
-        log_dir: Directory for the event files.
+        log_dir: Directory for the event files: a non-empty string or
+            `os.PathLike`.
         update_freq: `"epoch"`, or log every this many batches.
         **kwargs: Passed to `keras.callbacks.TensorBoard`.
+
+    Raises:
+        ValueError: If `log_dir` is not a non-empty path.
 
     Example:
 
@@ -114,8 +132,22 @@ class PruningSummaries(keras.callbacks.TensorBoard):
     """
 
     def __init__(self, log_dir, update_freq="epoch", **kwargs):
+        if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(
+            log_dir
+        ):
+            raise ValueError(
+                "Argument `log_dir` must be a non-empty string or "
+                "`os.PathLike`: the directory for the event files, such as "
+                f'"logs". Received: log_dir={log_dir!r}'
+            )
         super().__init__(log_dir=log_dir, update_freq=update_freq, **kwargs)
         self._pruning_writer = None
+        self._in_fit = False
+        self._last_logged_step = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        self._last_logged_step = None
 
     def _write_pruning_summaries(self):
         import tensorflow as tf
@@ -123,11 +155,15 @@ class PruningSummaries(keras.callbacks.TensorBoard):
         layers = collect_pruned_layers(self.model)
         if not layers:
             return
+        # -1 means never trained: that is step 0 of the logs.
+        step = max(int(ops.convert_to_numpy(layers[0].pruning_step)), 0)
+        if step == self._last_logged_step:
+            return
+        self._last_logged_step = step
         if self._pruning_writer is None:
             self._pruning_writer = tf.summary.create_file_writer(
                 os.path.join(self.log_dir, "train")
             )
-        step = int(ops.convert_to_numpy(layers[0].pruning_step))
         stats = pruning_stats(self.model)
         with self._pruning_writer.as_default(step=step):
             for row in stats["weights"]:
@@ -136,6 +172,17 @@ class PruningSummaries(keras.callbacks.TensorBoard):
             tf.summary.scalar("model_sparsity", stats["sparsity"])
         self._pruning_writer.flush()
 
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._in_fit = True
+
+    def on_epoch_begin(self, epoch=None, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        # `tfmot` logs here, and its guide's custom loop calls only this
+        # hook; in `fit` the epoch's end logs the same state.
+        if not self._in_fit:
+            self._write_pruning_summaries()
+
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
         if isinstance(self.update_freq, int) and (
@@ -143,12 +190,14 @@ class PruningSummaries(keras.callbacks.TensorBoard):
         ):
             self._write_pruning_summaries()
 
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
+    def on_epoch_end(self, epoch=None, logs=None, batch=None):
+        # `batch` is the name `tfmot` gives the epoch here.
+        super().on_epoch_end(batch if epoch is None else epoch, logs)
         self._write_pruning_summaries()
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
+        self._in_fit = False
         if self._pruning_writer is not None:
             self._pruning_writer.close()
             self._pruning_writer = None

@@ -43,7 +43,7 @@ Encodings:
 import gzip
 import json
 import os
-import tempfile
+import secrets
 import zlib
 
 import h5py
@@ -241,6 +241,18 @@ def _plain_model(model):
     return model
 
 
+def _new_temp_file(directory):
+    """Creates an empty file in `directory` with the permissions of any new
+    file (0o666 less the umask; `tempfile.mkstemp` would give 0o600)."""
+    while True:
+        path = os.path.join(directory, f".kprune-{secrets.token_hex(8)}.h5.tmp")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+
+
 def save_compact(model, filepath, quantize: str | None = None) -> None:
     """Saves a model's weights in kprune's compact sparse format (HDF5).
 
@@ -282,10 +294,7 @@ def save_compact(model, filepath, quantize: str | None = None) -> None:
     config = _model_json(model)
     filepath = os.fspath(filepath)
     directory = os.path.dirname(os.path.abspath(filepath))
-    fd, temp_path = tempfile.mkstemp(
-        suffix=".h5.tmp", prefix=".kprune-", dir=directory
-    )
-    os.close(fd)
+    temp_path = _new_temp_file(directory)
     try:
         # HDF5 1.10 metadata is a few times smaller than the default
         # (1.8-compatible) layout's.

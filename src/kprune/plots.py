@@ -51,23 +51,29 @@ def plot_sparsity(model, filepath=None):
     ```
     """
     rows = [r for r in sparsity_report(model)["weights"] if r["pruned"]]
-    figure = _figure(figsize=(7, 1.5 + 0.4 * max(len(rows), 1)))
-    axes = figure.add_subplot()
     names = [r["weight"] for r in rows]
     values = [100 * r["sparsity"] for r in rows]
+    labels = [
+        f"{value:.1f}% of {row['parameters']:,}"
+        for value, row in zip(values, rows)
+    ]
+    # The labels are tick labels (weight names left, sparsity right), which
+    # `tight_layout` makes room for; the figure widens with their length.
+    longest = max((len(text) for text in names + labels), default=0)
+    figure = _figure(
+        figsize=(5 + 0.14 * longest, 1.5 + 0.4 * max(len(rows), 1))
+    )
+    axes = figure.add_subplot()
     positions = np.arange(len(rows))
     axes.barh(positions, values, color="tab:blue")
     axes.set_yticks(positions, names)
     axes.invert_yaxis()
     axes.set_xlim(0, 100)
     axes.set_xlabel("sparsity (% of weights that are zero)")
-    for y, value, row in zip(positions, values, rows):
-        axes.text(
-            min(value + 1, 80),
-            y,
-            f"{value:.1f}% of {row['parameters']:,}",
-            va="center",
-        )
+    right = axes.twinx()
+    right.set_ylim(axes.get_ylim())
+    right.set_yticks(positions, labels)
+    right.tick_params(length=0)
     axes.set_title("Sparsity per pruned weight")
     return _finish(figure, filepath)
 
@@ -190,4 +196,9 @@ def plot_mask(weight, filepath=None, title=None):
     axes.set_title(title or f"{name}: {sparsity:.1%} zeros (white)")
     axes.set_xlabel(f"{cols} columns (last axis)")
     axes.set_ylabel(f"{rows} rows")
+    # Entries are whole rows and columns: no ticks between them.
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     return _finish(figure, filepath)

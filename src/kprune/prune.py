@@ -6,6 +6,7 @@ from kprune import registry
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
+from kprune.schedules import is_real_number
 from kprune.wrapper import DEFAULT_SCHEDULE
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import _PruningConstraint
@@ -172,7 +173,7 @@ def _schedule_map(schedules):
             )
         if isinstance(value, PruningSchedule):
             result[name] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif is_real_number(value):
             PruningSchedule._validate_sparsity(
                 value, f"pruning_schedule[{name!r}]"
             )
@@ -302,7 +303,7 @@ def _prune_graph_model(model, selection):
             new = PruneLowMagnitude(_copy_layer(layer), **params)
         elif (
             status in (registry.PRUNABLE, registry.NOTHING_TO_PRUNE)
-            or (params is None and not selection.all)
+            or params is None  # not selected, or refused by the policy
             or (status == registry.UNKNOWN and not layer.weights)
         ):
             new = _copy_layer(layer)

@@ -1,6 +1,16 @@
-"""`PruningPolicy`: model-wide rules on which layers may be pruned."""
+"""`PruningPolicy`: model-wide rules on which layers may be pruned.
+
+`PruneForLatencyOnXNNPack` follows the sparse inference rules of
+TensorFlow Lite's XNNPACK delegate (its README, "Sparse Inference") the
+way tfmot 0.8.1 checks them on Keras layers.
+"""
 
 import abc
+import collections
+
+import keras
+
+from kprune.wrapper import PruneLowMagnitude
 
 
 class PruningPolicy(abc.ABC):
@@ -37,3 +47,461 @@ class PruningPolicy(abc.ABC):
     @abc.abstractmethod
     def ensure_model_supports_pruning(self, model) -> None:
         """Raises `ValueError` if `model` cannot be pruned under this policy."""
+
+
+class _Call:
+    """One call of a layer (or operation) in a model's flattened graph."""
+
+    def __init__(self, op, producers, name=None):
+        self.op = op
+        self.name = op.name if op is not None else name
+        self.producers = list(dict.fromkeys(producers))
+        self.consumers = []
+        for producer in self.producers:
+            producer.consumers.append(self)
+
+    @property
+    def layer(self):
+        """The layer called, seen through a pruning wrapper."""
+        if isinstance(self.op, PruneLowMagnitude):
+            return self.op.layer
+        return self.op
+
+    def describe(self):
+        if self.op is None:
+            return f"input {self.name!r}" if self.name else "the model input"
+        return f"layer {self.name!r} ({type(self.layer).__name__})"
+
+
+def _is_graph_model(op) -> bool:
+    return isinstance(op, keras.Sequential) or (
+        isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth")
+    )
+
+
+def _calls_in_order(model):
+    """Yields `(operation, input_tensors, output_tensors)` for each call in
+    a functional `model`, producers first.
+
+    Keras has no public API listing the calls of a functional model (a
+    shared layer has one per use), so this reads the graph Keras keeps in
+    `_nodes_by_depth`: deeper nodes are closer to the inputs.
+    """
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            yield node.operation, node.input_tensors, node.outputs
+
+
+def _flatten_graph(model, sources):
+    """Adds the calls of `model` fed by `sources` (one `_Call` per model
+    input); nested Sequential and functional models are expanded. Returns
+    the `_Call` producing each model output."""
+    if isinstance(model, keras.Sequential):
+        (call,) = sources
+        for layer in model.layers:
+            if _is_graph_model(layer):
+                (call,) = _flatten_graph(layer, [call])
+            else:
+                call = _Call(layer, [call])
+        return [call]
+    producer = {id(t): s for t, s in zip(model.inputs, sources)}
+    for op, inputs, outputs in _calls_in_order(model):
+        if isinstance(op, keras.layers.InputLayer):
+            continue
+        args = [producer[id(t)] for t in inputs]
+        if _is_graph_model(op):
+            results = _flatten_graph(op, args)
+        else:
+            results = [_Call(op, args)] * len(outputs)
+        for tensor, call in zip(outputs, results):
+            producer[id(tensor)] = call
+    return [producer[id(t)] for t in model.outputs]
+
+
+def _zero_padding_before(call, size):
+    """Whether `call`'s only input is a `ZeroPadding2D` of `size` on each
+    side of height and width."""
+    if len(call.producers) != 1:
+        return False
+    layer = call.producers[0].op
+    return isinstance(layer, keras.layers.ZeroPadding2D) and (
+        layer.padding == ((size, size), (size, size))
+    )
+
+
+_SUPPORTED = (
+    "supported there: 1x1 `Conv2D` (strides 1, no dilation, groups 1); "
+    "3x3 or 5x5 `DepthwiseConv2D` (depth_multiplier 1, no dilation) with "
+    "padding='same' and strides 1, or padding='valid' and strides 1 or 2 "
+    "right after a `ZeroPadding2D` of 1 (3x3) or 2 (5x5); "
+    "`BatchNormalization` on the last axis; `ReLU`, `LeakyReLU`, `ELU`, "
+    "`Activation` relu/relu6/leaky_relu/elu/sigmoid; `Add`, `Multiply` "
+    "(layers or +, -, *); `ZeroPadding2D`; `Dropout`; `UpSampling2D` "
+    "bilinear; `GlobalAveragePooling2D(keepdims=True)`"
+)
+
+_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "elu", "sigmoid")
+
+# `keras.ops` calls in a functional model (`x + y`, `keras.ops.relu(x)`)
+# are operations, not layers: accepted by class name.
+_OPS = {"Add", "Subtract", "Multiply"} | {
+    "Relu",
+    "Relu6",
+    "LeakyRelu",
+    "Elu",
+    "Sigmoid",
+}
+
+
+class PruneForLatencyOnXNNPack(PruningPolicy):
+    """Prunes only 1x1 `Conv2D` layers, in models XNNPACK runs sparse.
+
+    TensorFlow Lite's XNNPACK delegate runs a convolutional network with
+    sparse 1x1 convolutions faster ("Fast Sparse ConvNets",
+    arXiv:1911.09723), on the part of the graph it can run sparse. This
+    policy, like tfmot's of the same name, first checks that the model has
+    that part, and refuses it with a `ValueError` naming the layer that
+    breaks a rule:
+
+    - every input branch starts with a `Conv2D` with a 3x3 kernel, 3 input
+      channels, `strides=(2, 2)` and `padding="valid"`, right after a
+      `ZeroPadding2D(padding=1)` (XNNPACK's 3x3 stride-2 convolution with
+      padding 1 on each side);
+    - every output branch goes through a `GlobalAveragePooling2D` (TFLite's
+      `MEAN` over height and width), which ends the sparse part; layers
+      after it (a classifier head) are free;
+    - between the two there are only 1x1 `Conv2D` (strides 1, no dilation,
+      groups 1), 3x3 or 5x5 `DepthwiseConv2D` (depth multiplier 1, no
+      dilation; `padding="same"` with strides 1, or `padding="valid"` with
+      strides 1 or 2 after a `ZeroPadding2D` of 1 or 2 on each side),
+      `BatchNormalization` on the channels axis, `ReLU`, `LeakyReLU`,
+      `ELU`, `Activation` relu/relu6/leaky_relu/elu/sigmoid, `Add`,
+      `Multiply` (also as `+`, `-`, `*` on tensors), `ZeroPadding2D`,
+      `Dropout`, bilinear `UpSampling2D` and
+      `GlobalAveragePooling2D(keepdims=True)`.
+
+    Then only `Conv2D` layers with a 1x1 kernel are pruned; all other
+    layers stay dense. XNNPACK runs the sparse part sparse when at least
+    2/3 of the 1x1 convolution weights are zero, and the file must store
+    them sparse: convert the stripped model with
+    `tf.lite.Optimize.EXPERIMENTAL_SPARSITY` (`kprune.export_litert` does).
+
+    The model must be a built Sequential or functional model: the policy
+    reads its graph. Subclassed and unbuilt models are refused.
+
+    Example:
+
+    ```python
+    pruned = kprune.prune_low_magnitude(
+        model,
+        pruning_schedule=kprune.PolynomialDecay(0.25, 0.75, 0, end_step),
+        pruning_policy=kprune.PruneForLatencyOnXNNPack(),
+    )
+    ```
+    """
+
+    def allow_pruning(self, layer) -> bool:
+        """Returns whether `layer` is a `Conv2D` with a 1x1 kernel."""
+        return isinstance(layer, keras.layers.Conv2D) and tuple(
+            layer.kernel_size
+        ) == (1, 1)
+
+    def ensure_model_supports_pruning(self, model) -> None:
+        """Raises `ValueError` if XNNPACK cannot run `model` sparse.
+
+        Args:
+            model: The Keras model about to be pruned.
+
+        Raises:
+            ValueError: If `model` is not a built Sequential or functional
+                model, or does not follow XNNPACK's sparse inference
+                rules; the message names the layer and the rule.
+        """
+        policy = type(self).__name__
+        if not _is_graph_model(model):
+            raise ValueError(
+                f"`{policy}` reads the model's layer graph, so it needs a "
+                "Sequential or functional model. Received the subclassed "
+                f"model {model.name!r} ({type(model).__name__}). Build it "
+                "with `keras.Input` and the functional API, or prune it "
+                "without `pruning_policy`."
+            )
+        try:
+            model_inputs = model.inputs if model.built else None
+        except ValueError:  # a Sequential built without an input shape
+            model_inputs = None
+        if not model_inputs:
+            raise ValueError(
+                f"`{policy}` reads the model's layer graph, so the model "
+                f"must be built. Model {model.name!r} is not: start it "
+                "with `keras.Input(shape=...)`, or call "
+                "`model.build(input_shape)` before pruning."
+            )
+        names = {}
+        if not isinstance(model, keras.Sequential):
+            names = {
+                id(outputs[0]): op.name
+                for op, _, outputs in _calls_in_order(model)
+                if isinstance(op, keras.layers.InputLayer)
+            }
+        inputs = [
+            _Call(None, [], name=names.get(id(t), "")) for t in model_inputs
+        ]
+        outputs = _flatten_graph(model, inputs)
+        starts = self._find_starts(inputs, policy)
+        ends = self._find_ends(outputs, policy)
+        self._check_between(starts, ends, policy)
+
+    # Each rule below mirrors a line of XNNPACK's sparse inference rules.
+
+    def _start_mismatch(self, call):
+        """Why a `Conv2D` call cannot start the sparse subgraph, or None."""
+        layer = call.layer
+        problems = []
+        if tuple(layer.kernel_size) != (3, 3):
+            problems.append(f"kernel_size={tuple(layer.kernel_size)}")
+        if tuple(layer.strides) != (2, 2):
+            problems.append(f"strides={tuple(layer.strides)}")
+        if layer.padding.lower() != "valid":
+            problems.append(f"padding={layer.padding!r}")
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None and tuple(kernel.shape[2:3]) != (3,):
+            problems.append(f"{kernel.shape[2]} input channels, not 3")
+        if not _zero_padding_before(call, 1):
+            before = ", ".join(p.describe() for p in call.producers)
+            problems.append(
+                f"its input comes from {before}, not from a "
+                "`ZeroPadding2D(padding=1)`"
+            )
+        return "; ".join(problems) or None
+
+    def _find_starts(self, inputs, policy):
+        """The start convolution of every input branch (forward search)."""
+        starts, seen = [], set(inputs)
+        queue = collections.deque(inputs)
+        near_misses = []
+        while queue:
+            call = queue.popleft()
+            if isinstance(call.layer, keras.layers.Conv2D):
+                mismatch = self._start_mismatch(call)
+                if mismatch is None:
+                    starts.append(call)
+                    continue
+                near_misses.append((call, mismatch))
+            if not call.consumers:
+                misses = [
+                    (miss, why)
+                    for miss, why in near_misses
+                    if _reaches(miss, call, "consumers")
+                ]
+                if misses:
+                    miss, why = misses[0]
+                    found = (
+                        f"{miss.describe()} is the first `Conv2D` on the "
+                        f"way, but it has {why}"
+                    )
+                else:
+                    found = "there is no `Conv2D` on the way"
+                raise ValueError(
+                    f"`{policy}` needs every input branch to start "
+                    "XNNPACK's sparse subgraph with a `Conv2D` with a 3x3 "
+                    "kernel, strides=(2, 2), padding='valid' and 3 input "
+                    "channels, right after a `ZeroPadding2D(padding=1)`. "
+                    f"The branch from {_inputs_reaching(call, inputs)} reaches "
+                    f"the model output {call.describe()} without one: "
+                    f"{found}. Start the network with "
+                    "`ZeroPadding2D(padding=1)` then `Conv2D(filters, 3, "
+                    "strides=2, padding='valid')` on 3-channel images."
+                )
+            for nxt in call.consumers:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    queue.append(nxt)
+        return starts
+
+    def _find_ends(self, outputs, policy):
+        """The `GlobalAveragePooling2D` of every output (backward search)."""
+        ends, seen = set(), set(outputs)
+        queue = collections.deque(outputs)
+        poolings = []
+        while queue:
+            call = queue.popleft()
+            if isinstance(call.layer, keras.layers.GlobalAveragePooling2D):
+                ends.add(call)
+                continue
+            if "Pool" in type(call.layer).__name__:
+                poolings.append(call)
+            if not call.producers:
+                hint = ""
+                poolings = [
+                    p for p in poolings if _reaches(call, p, "consumers")
+                ]
+                if poolings:
+                    hint = (
+                        f" ({poolings[0].describe()} on the way does not "
+                        "end it: only a global average pooling does)"
+                    )
+                raise ValueError(
+                    f"`{policy}` needs every output branch to end XNNPACK's "
+                    "sparse subgraph with a `GlobalAveragePooling2D` (TFLite "
+                    "`MEAN` over height and width). Following the model "
+                    f"output {_outputs_reached(call, outputs)} back reaches "
+                    f"{call.describe()} without one{hint}. Add "
+                    "`GlobalAveragePooling2D(keepdims=True)` after the last "
+                    "convolution block; layers after it are not checked."
+                )
+            for prev in call.producers:
+                if prev not in seen:
+                    seen.add(prev)
+                    queue.append(prev)
+        return ends
+
+    def _check_between(self, starts, ends, policy):
+        """Every call between a start and an end must be supported."""
+        seen = set()
+        queue = collections.deque()
+        for start in starts:
+            for nxt in start.consumers:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    queue.append(nxt)
+        while queue:
+            call = queue.popleft()
+            if call in ends:
+                continue
+            why = self._unsupported(call)
+            if why is not None:
+                raise ValueError(
+                    f"`{policy}`: {call.describe()} lies in XNNPACK's sparse "
+                    "subgraph (between the stem `Conv2D` and the "
+                    f"`GlobalAveragePooling2D`) and breaks its rules: {why}. "
+                    "Replace it, or move it after the global pooling."
+                )
+            for nxt in call.consumers:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    queue.append(nxt)
+
+    def _unsupported(self, call):
+        """Why XNNPACK's sparse inference cannot run `call`, or None."""
+        layer = call.layer
+        if not isinstance(layer, keras.layers.Layer):
+            if type(layer).__name__ in _OPS:
+                return None
+            return (
+                f"the operation {type(layer).__name__} is not supported; "
+                f"{_SUPPORTED}"
+            )
+        if isinstance(
+            layer,
+            (
+                keras.layers.Add,
+                keras.layers.Multiply,
+                keras.layers.ZeroPadding2D,
+                keras.layers.ReLU,
+                keras.layers.LeakyReLU,
+                keras.layers.ELU,
+                keras.layers.Dropout,
+            ),
+        ):
+            return None
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            return self._depthwise_mismatch(call)
+        if isinstance(layer, keras.layers.Conv2D):
+            problems = [
+                f"{name}={value}"
+                for name, value, good in (
+                    ("kernel_size", tuple(layer.kernel_size), (1, 1)),
+                    ("strides", tuple(layer.strides), (1, 1)),
+                    ("dilation_rate", tuple(layer.dilation_rate), (1, 1)),
+                    ("groups", layer.groups, 1),
+                )
+                if value != good
+            ]
+            if problems:
+                return (
+                    "only 1x1 `Conv2D` with strides 1, no dilation and "
+                    f"groups 1 is supported; it has {', '.join(problems)}"
+                )
+            return None
+        if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+            if layer.keepdims:
+                return None
+            return "keepdims=False (use keepdims=True inside the subgraph)"
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if layer.axis in (-1, 3):
+                return None
+            return f"axis={layer.axis} (must be the last, channels axis)"
+        if isinstance(layer, keras.layers.UpSampling2D):
+            if layer.interpolation == "bilinear":
+                return None
+            return (
+                f"interpolation={layer.interpolation!r} (only 'bilinear' "
+                "is supported)"
+            )
+        if isinstance(layer, keras.layers.Activation):
+            name = keras.activations.serialize(layer.activation)
+            if name in _ACTIVATIONS:
+                return None
+            return f"activation {name!r} is not supported"
+        return f"{type(layer).__name__} is not supported; {_SUPPORTED}"
+
+    def _depthwise_mismatch(self, call):
+        layer = call.layer
+        kernel = tuple(layer.kernel_size)
+        strides = tuple(layer.strides)
+        padding = layer.padding.lower()
+        rule = (
+            "`DepthwiseConv2D` must be 3x3 or 5x5 with depth_multiplier 1 "
+            "and no dilation, with padding='same' and strides 1, or with "
+            "padding='valid' and strides 1 or 2 right after a "
+            "`ZeroPadding2D` of 1 (3x3) or 2 (5x5) on each side"
+        )
+        got = (
+            f"it has kernel_size={kernel}, strides={strides}, "
+            f"padding={layer.padding!r}, depth_multiplier="
+            f"{layer.depth_multiplier}, dilation_rate="
+            f"{tuple(layer.dilation_rate)}"
+        )
+        if (
+            kernel not in ((3, 3), (5, 5))
+            or layer.depth_multiplier != 1
+            or tuple(layer.dilation_rate) != (1, 1)
+        ):
+            return f"{rule}; {got}"
+        if padding == "same" and strides == (1, 1):
+            return None
+        if (
+            padding == "valid"
+            and strides in ((1, 1), (2, 2))
+            and _zero_padding_before(call, kernel[0] // 2)
+        ):
+            return None
+        if padding == "valid" and strides in ((1, 1), (2, 2)):
+            got += f", and no `ZeroPadding2D({kernel[0] // 2})` before it"
+        return f"{rule}; {got}"
+
+
+def _inputs_reaching(call, inputs):
+    """Names the model input(s) a dead-end `call` is reached from."""
+    names = [c.describe() for c in inputs if _reaches(c, call, "consumers")]
+    return ", ".join(names)
+
+
+def _outputs_reached(call, outputs):
+    """Names the model output(s) from which `call` is reached backward."""
+    names = [c.describe() for c in outputs if _reaches(call, c, "consumers")]
+    return ", ".join(names)
+
+
+def _reaches(source, target, direction):
+    seen, stack = {source}, [source]
+    while stack:
+        call = stack.pop()
+        if call is target:
+            return True
+        for nxt in getattr(call, direction):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False

@@ -6,20 +6,85 @@ first batch of training sees step 1), exactly as in
 """
 
 import abc
+import json
+import math
+import numbers
+import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 
-def _check_int(name: str, value, minimum=None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _plain(value):
+    """`value` as a Python scalar when it is a NumPy scalar, a 0-d array or
+    a 0-d tensor (NumPy steps such as `np.ceil(n / b).astype(np.int32)`);
+    otherwise `value` itself."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) or ops.is_tensor(value):
+        if tuple(value.shape) == ():
+            return ops.convert_to_numpy(value).item()
+    return value
+
+
+def is_real_number(value) -> bool:
+    """True for a real number in any form (Python, NumPy, 0-d array or
+    tensor), bools excepted."""
+    value = _plain(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def integral_value(value):
+    """`value` as a Python int if it is an integral number in any form
+    (`10`, `np.int32(10)`, `10.0`, a 0-d array), else `None`."""
+    value = _plain(value)
+    if (
+        not is_real_number(value)
+        or not math.isfinite(value)
+        or int(value) != value
+    ):
+        return None
+    return int(value)
+
+
+def _to_int(name: str, value, minimum=None) -> int:
+    """Returns `value` as a Python int if it is an integral number, else
+    raises."""
+    plain = integral_value(value)
+    if plain is None:
         raise ValueError(
             f"Argument `{name}` must be an integer. Received: {name}={value!r}"
         )
-    if minimum is not None and value < minimum:
+    if minimum is not None and plain < minimum:
         raise ValueError(
-            f"Argument `{name}` must be >= {minimum}. Received: {name}={value}"
+            f"Argument `{name}` must be >= {minimum}. "
+            f"Received: {name}={value!r}"
         )
+    return plain
+
+
+def _to_float(name: str, value) -> float:
+    """Returns `value` as a Python float if it is a finite real number."""
+    plain = _plain(value)
+    if not is_real_number(plain) or not math.isfinite(plain):
+        raise ValueError(
+            f"Argument `{name}` must be a finite number. "
+            f"Received: {name}={value!r}"
+        )
+    return float(plain)
+
+
+def _unnest(config: dict) -> dict:
+    """The arguments in `config`, also when it has tfmot's shape
+    `{"class_name": ..., "config": {...}}`."""
+    if (
+        isinstance(config, dict)
+        and set(config) == {"class_name", "config"}
+        and isinstance(config["config"], dict)
+    ):
+        return config["config"]
+    return config
 
 
 class PruningSchedule(abc.ABC):
@@ -71,8 +136,12 @@ class PruningSchedule(abc.ABC):
 
     @classmethod
     def from_config(cls, config: dict):
-        """Creates a schedule from the output of `get_config()`."""
-        return cls(**config)
+        """Creates a schedule from the output of `get_config()`.
+
+        Accepts both a flat dict of `__init__` arguments (Keras's shape) and
+        `{"class_name": ..., "config": {...}}` (`tfmot`'s shape).
+        """
+        return cls(**_unnest(config))
 
     def __eq__(self, other):
         return type(self) is type(other) and (
@@ -80,10 +149,12 @@ class PruningSchedule(abc.ABC):
         )
 
     def __hash__(self):
-        return hash((type(self), tuple(sorted(self.get_config().items()))))
+        config = json.dumps(self.get_config(), sort_keys=True, default=repr)
+        return hash((type(self), config))
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        config = _unnest(self.get_config())
+        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
         return f"{type(self).__name__}({args})"
 
     @staticmethod
@@ -103,9 +174,13 @@ class PruningSchedule(abc.ABC):
 
     @staticmethod
     def _validate_step(begin_step, end_step, frequency, allow_end_step_minus_1):
-        _check_int("begin_step", begin_step, minimum=0)
-        _check_int("end_step", end_step)
-        _check_int("frequency", frequency)
+        """Checks the step arguments; returns them as Python ints.
+
+        Any integral number is accepted (`np.int32`, `10.0`, a 0-d array).
+        """
+        begin_step = _to_int("begin_step", begin_step, minimum=0)
+        end_step = _to_int("end_step", end_step)
+        frequency = _to_int("frequency", frequency)
         if end_step == -1 and not allow_end_step_minus_1:
             raise ValueError(
                 "Argument `end_step` must be >= `begin_step` for this "
@@ -123,18 +198,40 @@ class PruningSchedule(abc.ABC):
                 "Argument `frequency` must be > 0. "
                 f"Received: frequency={frequency}"
             )
+        return begin_step, end_step, frequency
+
+    @staticmethod
+    def _warn_if_never_prunes(begin_step, end_step, frequency):
+        """Warns when no training step (counted from 1) is a pruning step
+        inside `[begin_step, end_step]`: such a schedule never prunes.
+
+        A warning, not an error: `tfmot` accepts these schedules, and its
+        own tests build some (`begin_step=0, end_step=0`).
+        """
+        # Training steps count from 1, so `begin_step=0` first prunes at
+        # `frequency`.
+        first = begin_step if begin_step >= 1 else frequency
+        if end_step != -1 and first > end_step:
+            warnings.warn(
+                f"This pruning schedule never prunes: with "
+                f"begin_step={begin_step} and frequency={frequency}, the "
+                f"first step at which it prunes is {first} (training steps "
+                f"count from 1), after end_step={end_step}, so the model "
+                "stays dense. Use an `end_step` of at least "
+                f"{first}, a smaller `frequency`, or `end_step=-1`.",
+                stacklevel=3,
+            )
 
     @staticmethod
     def _validate_sparsity(value, name):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        """Checks a sparsity; returns it as a Python float in [0, 1)."""
+        plain = _plain(value)
+        if not is_real_number(plain) or not 0.0 <= plain < 1.0:
             raise ValueError(
                 f"Argument `{name}` must be a number in [0, 1). "
                 f"Received: {name}={value!r}"
             )
-        if not 0.0 <= value < 1.0:
-            raise ValueError(
-                f"Argument `{name}` must be in [0, 1). Received: {name}={value}"
-            )
+        return float(plain)
 
 
 class _AcrossLayersSchedule(PruningSchedule):
@@ -151,7 +248,7 @@ class _AcrossLayersSchedule(PruningSchedule):
 
     @classmethod
     def from_config(cls, config: dict):
-        config = dict(config)
+        config = dict(_unnest(config))
         config["schedule"] = keras.saving.deserialize_keras_object(
             config["schedule"]
         )
@@ -190,12 +287,16 @@ class ConstantSparsity(PruningSchedule):
         end_step: int = -1,
         frequency: int = 100,
     ):
-        self._validate_step(begin_step, end_step, frequency, True)
-        self._validate_sparsity(target_sparsity, "target_sparsity")
-        self.target_sparsity = target_sparsity
+        begin_step, end_step, frequency = self._validate_step(
+            begin_step, end_step, frequency, True
+        )
+        self.target_sparsity = self._validate_sparsity(
+            target_sparsity, "target_sparsity"
+        )
         self.begin_step = begin_step
         self.end_step = end_step
         self.frequency = frequency
+        self._warn_if_never_prunes(begin_step, end_step, frequency)
 
     def __call__(self, step):
         return (
@@ -256,19 +357,28 @@ class PolynomialDecay(PruningSchedule):
         power: float = 3,
         frequency: int = 100,
     ):
-        self._validate_step(begin_step, end_step, frequency, False)
-        self._validate_sparsity(initial_sparsity, "initial_sparsity")
-        self._validate_sparsity(final_sparsity, "final_sparsity")
-        if isinstance(power, bool) or not isinstance(power, (int, float)):
+        begin_step, end_step, frequency = self._validate_step(
+            begin_step, end_step, frequency, False
+        )
+        self.initial_sparsity = self._validate_sparsity(
+            initial_sparsity, "initial_sparsity"
+        )
+        self.final_sparsity = self._validate_sparsity(
+            final_sparsity, "final_sparsity"
+        )
+        plain_power = _to_float("power", power)
+        if plain_power <= 0:
             raise ValueError(
-                f"Argument `power` must be a number. Received: power={power!r}"
+                f"Argument `power` must be > 0. Received: power={power!r}"
             )
-        self.initial_sparsity = initial_sparsity
-        self.final_sparsity = final_sparsity
+        # An integral power stays an int, as written (`power=3`).
+        if isinstance(_plain(power), numbers.Integral):
+            plain_power = int(plain_power)
         self.begin_step = begin_step
         self.end_step = end_step
-        self.power = power
+        self.power = plain_power
         self.frequency = frequency
+        self._warn_if_never_prunes(begin_step, end_step, frequency)
 
     def __call__(self, step):
         should_prune = self._should_prune_in_step(

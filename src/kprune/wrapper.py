@@ -26,6 +26,7 @@ from kprune import masking
 from kprune import registry
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PruningSchedule
+from kprune.schedules import integral_value
 
 # Where the step advances: in the layer's training call (JAX), or in the
 # constraint, right after the optimizer update (TensorFlow, torch).
@@ -34,16 +35,38 @@ STEP_IN_CALL = keras.backend.backend() == "jax"
 # tfmot's default; schedules are immutable, so one instance is shared.
 DEFAULT_SCHEDULE = ConstantSparsity(0.5, 0)
 
-MISSING_CALLBACK_MESSAGE = (
+_MISSING_CALLBACK = (
     "Pruned layer {name!r} is being trained without the "
     "`kprune.UpdatePruningStep` callback, which drives the pruning "
-    "schedule. Add it to `fit`: "
-    "`model.fit(..., callbacks=[kprune.UpdatePruningStep()])`, after "
-    "calling `model.compile(...)` again (Keras cannot re-trace a training "
-    "step whose first trace failed). No weight was changed. In a custom "
-    "training loop, create the callback and call `callback.set_model(model)` "
-    "and `callback.on_train_begin()` once before the first step."
+    "schedule. "
 )
+_CUSTOM_LOOP_ADVICE = (
+    " In a custom training loop, create the callback and call "
+    "`callback.set_model(model)` and `callback.on_train_begin()` once "
+    "before the first step."
+)
+if STEP_IN_CALL:
+    # Keras's JAX `fit` takes the values out of the model's variables
+    # before the first step is traced, and puts them back only after a
+    # step has run: after this error, they are gone.
+    MISSING_CALLBACK_MESSAGE = (
+        _MISSING_CALLBACK
+        + "On the JAX backend, `fit` had already detached the model's "
+        "weights for the compiled step and cannot reattach them after this "
+        "error, so this model object can no longer be used, compiled again "
+        "or not. Prune the original model again (`prune_low_magnitude` left "
+        "it unchanged) or load the saved pruned model again, then fit it "
+        "with the callback: "
+        "`model.fit(..., callbacks=[kprune.UpdatePruningStep()])`."
+        + _CUSTOM_LOOP_ADVICE
+    )
+else:
+    MISSING_CALLBACK_MESSAGE = (
+        _MISSING_CALLBACK
+        + "No weight was changed: call `fit` again with the callback, "
+        "`model.fit(..., callbacks=[kprune.UpdatePruningStep()])` (no need "
+        "to compile again)." + _CUSTOM_LOOP_ADVICE
+    )
 
 NOT_TRAINING_MESSAGE = (
     "Pruned layer {name!r} was updated by the optimizer without having been "
@@ -67,17 +90,10 @@ def validate_pruning_args(block_size, block_pooling_type, sparsity_m_by_n):
             unsupported.
     """
     try:
-        block = tuple(block_size)
+        block = tuple(integral_value(b) for b in block_size)
     except TypeError:
         block = None
-    if (
-        block is None
-        or len(block) != 2
-        or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in block
-        )
-        or min(block) < 1
-    ):
+    if block is None or len(block) != 2 or None in block or min(block) < 1:
         raise ValueError(
             "Argument `block_size` must be a tuple of 2 integers >= 1, such "
             f"as (1, 1) or (4, 1). Received: block_size={block_size!r}"
@@ -90,16 +106,10 @@ def validate_pruning_args(block_size, block_pooling_type, sparsity_m_by_n):
     m_by_n = None
     if sparsity_m_by_n is not None:
         try:
-            m_by_n = tuple(sparsity_m_by_n)
+            m_by_n = tuple(integral_value(v) for v in sparsity_m_by_n)
         except TypeError:
             m_by_n = ()
-        if (
-            len(m_by_n) != 2
-            or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in m_by_n
-            )
-            or not 0 < m_by_n[0] < m_by_n[1]
-        ):
+        if len(m_by_n) != 2 or None in m_by_n or not 0 < m_by_n[0] < m_by_n[1]:
             raise ValueError(
                 "Argument `sparsity_m_by_n` must be a tuple (m, n) of "
                 "integers with 0 < m < n: m zeros in every n consecutive "
@@ -144,6 +154,16 @@ def _new_mask(wrapper, weight, sparsity):
         m_by_n=wrapper.sparsity_m_by_n,
         m_by_n_axis=registry.input_channel_axis(wrapper.layer),
     )
+
+
+def _schedule(wrapper, step):
+    """`(should_prune, sparsity)` of `wrapper` at `step`. N:M masks are also
+    computed at step 1, as in `tfmot`: the pattern is in force from the
+    first update, whatever the schedule."""
+    should_prune, sparsity = wrapper.pruning_schedule(step)
+    if wrapper.sparsity_m_by_n is not None:
+        should_prune = ops.logical_or(should_prune, ops.equal(step, 1))
+    return should_prune, sparsity
 
 
 def _update_mask(wrapper, index, weight, should_prune, sparsity):
@@ -225,7 +245,7 @@ class _PruningConstraint:
                 "connects it: use the callback in `fit`, or call "
                 "`set_model(model)` and `on_train_begin()` in a custom loop."
             )
-        should_prune, sparsity = wrapper.pruning_schedule(wrapper.pruning_step)
+        should_prune, sparsity = _schedule(wrapper, wrapper.pruning_step)
         mask = _update_mask(wrapper, self.index, weight, should_prune, sparsity)
         return ops.where(mask, weight, ops.zeros((), weight.dtype))
 
@@ -300,6 +320,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.pruning_vars = []
         # Set by `UpdatePruningStep`; checked when training starts.
         self._step_driven = False
+        # Set when a training step was traced without the callback; read
+        # by `UpdatePruningStep`, which then has that trace discarded.
+        self._traced_without_callback = False
         # Set by `UpdatePruningStep` for layers whose masks are computed
         # together with other layers' (see `kprune.groups`).
         self._mask_group = None
@@ -390,8 +413,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
     def call(self, inputs, *args, training=None, **kwargs):
         # Checked when the training step is traced, so a missing callback
-        # stops `fit` before any update, and leaves the model trainable.
+        # stops `fit` before any update (on JAX, after `fit` has detached
+        # the weights: see `MISSING_CALLBACK_MESSAGE`).
         if training and not self._step_driven:
+            self._traced_without_callback = True
             raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
         if training and STEP_IN_CALL:
             self._advance_step()
@@ -458,7 +483,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             return
         step = ops.maximum(current, 0) + 1
         self.pruning_step.assign(step)
-        should_prune, sparsity = self.pruning_schedule(step)
+        should_prune, sparsity = _schedule(self, step)
         masks = [
             # The mask math has no gradient, so its results belong to the
             # enclosing compiled step, where the constraint uses them.

@@ -1,0 +1,608 @@
+"""`PruneForLatencyOnXNNPack`: tfmot's policy for XNNPACK sparse inference."""
+
+import contextlib
+import io
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import kprune
+from testing import requires_tensorflow
+
+POLICY = kprune.PruneForLatencyOnXNNPack
+
+
+def wrapped_names(model):
+    return sorted(
+        layer.layer.name
+        for layer in model._flatten_layers()
+        if isinstance(layer, kprune.PruneLowMagnitude)
+    )
+
+
+def prune(model, **kwargs):
+    return kprune.prune_low_magnitude(
+        model,
+        pruning_schedule=kprune.ConstantSparsity(0.5, 0),
+        pruning_policy=POLICY(),
+        **kwargs,
+    )
+
+
+def stem(x, filters=8):
+    """XNNPACK's sparse subgraph start: pad 1, then a 3x3 stride-2 conv."""
+    x = layers.ZeroPadding2D(1)(x)
+    return layers.Conv2D(filters, 3, strides=2, padding="valid")(x)
+
+
+def guide_layers():
+    """The model of tfmot's `pruning_for_on_device_inference` guide, fed
+    flattened 28x28 RGB images."""
+    return [
+        keras.Input((28 * 28 * 3,)),
+        layers.Reshape((28, 28, 3)),
+        layers.ZeroPadding2D(padding=1),
+        layers.Conv2D(8, (3, 3), strides=(2, 2), padding="valid"),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.DepthwiseConv2D((3, 3), padding="same"),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.Conv2D(16, (1, 1), name="pointwise_1"),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.ZeroPadding2D(padding=1),
+        layers.DepthwiseConv2D((3, 3), strides=(2, 2), padding="valid"),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.Conv2D(32, (1, 1), name="pointwise_2"),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.GlobalAveragePooling2D(keepdims=True),
+        layers.Flatten(),
+        layers.Dense(10),
+    ]
+
+
+def guide_model(functional=False):
+    model = keras.Sequential(guide_layers())
+    if functional:
+        inputs = keras.Input((28 * 28 * 3,))
+        x = inputs
+        for layer in model.layers:
+            x = layer(x)
+        model = keras.Model(inputs, x)
+    return model
+
+
+def guide_data(n=32):
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 28 * 28 * 3), dtype=np.float32)
+    return x, rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_guide_model_prunes_only_its_1x1_convolutions(functional):
+    pruned = prune(guide_model(functional))
+    assert wrapped_names(pruned) == ["pointwise_1", "pointwise_2"]
+
+
+def on_device_guide_model(global_pooling):
+    """The guide's model as written: CIFAR-10 shaped, `InputLayer`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # `input_shape` is deprecated
+        first = keras.layers.InputLayer(input_shape=(32, 32, 3))
+    body = guide_layers()
+    return keras.Sequential([first, *body[2:-3], global_pooling, *body[-2:]])
+
+
+def test_on_device_guide_pruning_cells_run_as_written():
+    dense_model = on_device_guide_model(layers.GlobalAveragePooling2D())
+    pruning_params = {
+        "pruning_schedule": kprune.PolynomialDecay(
+            initial_sparsity=0.25,
+            final_sparsity=0.75,
+            begin_step=0,
+            end_step=100,
+        ),
+        "pruning_policy": kprune.PruneForLatencyOnXNNPack(),
+    }
+    # tfmot 0.8.1 ends the sparse part at any GlobalAveragePooling2D, so
+    # the guide's first try already passes (its text, older, says it
+    # fails without keepdims=True); the guide catches the error either way.
+    model_for_pruning = kprune.prune_low_magnitude(
+        dense_model, **pruning_params
+    )
+    assert wrapped_names(model_for_pruning) == ["pointwise_1", "pointwise_2"]
+
+    fixed_dense_model = on_device_guide_model(
+        layers.GlobalAveragePooling2D(keepdims=True)
+    )
+    fixed_dense_model.set_weights(dense_model.get_weights())
+    model_for_pruning = kprune.prune_low_magnitude(
+        fixed_dense_model, **pruning_params
+    )
+    assert wrapped_names(model_for_pruning) == ["pointwise_1", "pointwise_2"]
+
+
+def fit_guide_model():
+    model = kprune.prune_low_magnitude(
+        guide_model(),
+        pruning_schedule=kprune.PolynomialDecay(
+            initial_sparsity=0.25,
+            final_sparsity=0.75,
+            begin_step=0,
+            end_step=6,
+            frequency=1,
+        ),
+        pruning_policy=POLICY(),
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = guide_data()
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=1,
+        callbacks=[kprune.UpdatePruningStep()],
+        verbose=0,
+    )
+    return kprune.strip_pruning(model), x
+
+
+@pytest.mark.slow
+def test_fit_prunes_the_1x1_convolutions_to_the_final_sparsity():
+    stripped, _ = fit_guide_model()
+    for layer in stripped.layers:
+        if not isinstance(layer, (layers.Conv2D, layers.Dense)):
+            continue
+        zeros = float(np.mean(keras.ops.convert_to_numpy(layer.kernel) == 0))
+        if layer.name.startswith("pointwise"):
+            assert zeros == pytest.approx(0.75, abs=0.02), layer.name
+        else:
+            assert zeros == 0.0, layer.name
+
+
+@pytest.mark.slow
+@requires_tensorflow
+def test_sparse_tflite_file_densifies_exactly_the_1x1_convolutions():
+    import tensorflow as tf
+
+    stripped, x = fit_guide_model()
+    converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
+    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    content = converter.convert()
+
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        tf.lite.experimental.Analyzer.analyze(model_content=content)
+    names = [
+        line.split()[1].split("(")[0]
+        for line in report.getvalue().splitlines()
+        if line.strip().startswith("Op#")
+    ]
+    # XNNPACK reads sparse weights through DENSIFY operators: one per
+    # pruned 1x1 CONV_2D; the sparse subgraph ends with MEAN.
+    assert names.count("DENSIFY") == 2
+    assert "MEAN" in names
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite's deprecation notice
+        interpreter = tf.lite.Interpreter(model_content=content)
+    entry = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(entry["index"], [4, x.shape[1]])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(entry["index"], x[:4])
+    interpreter.invoke()
+    actual = interpreter.get_tensor(
+        interpreter.get_output_details()[0]["index"]
+    )
+    np.testing.assert_allclose(
+        actual, stripped.predict(x[:4], verbose=0), atol=1e-4
+    )
+
+
+# Models XNNPACK cannot run sparse: each is refused, naming the layer.
+
+
+def functional(inputs, outputs):
+    return keras.Model(inputs, outputs)
+
+
+def no_zero_padding():
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="first")(i)
+    x = layers.Conv2D(8, 1)(x)
+    return functional(i, layers.GlobalAveragePooling2D()(x))
+
+
+def stem_with(shape=(8, 8, 3), pad=1, kernel=3, strides=2):
+    i = keras.Input(shape)
+    x = layers.ZeroPadding2D(pad)(i)
+    x = layers.Conv2D(8, kernel, strides=strides, name="first")(x)
+    x = layers.Conv2D(8, 1)(x)
+    return functional(i, layers.GlobalAveragePooling2D()(x))
+
+
+def ending_with(last):
+    i = keras.Input((8, 8, 3))
+    return functional(i, last(layers.Conv2D(8, 1)(stem(i))))
+
+
+def middle(*between):
+    """A valid start and end around `between` (layers or functions)."""
+    i = keras.Input((16, 16, 3))
+    x = stem(i)
+    for layer in between:
+        x = layer(x)
+    return functional(i, layers.GlobalAveragePooling2D()(x))
+
+
+def squeeze_excite_without_keepdims():
+    i = keras.Input((8, 8, 3))
+    x = stem(i)
+    s = layers.GlobalAveragePooling2D(name="squeeze")(x)
+    s = layers.Reshape((1, 1, 8))(s)
+    x = layers.Multiply()([x, s])
+    return functional(i, layers.GlobalAveragePooling2D(keepdims=True)(x))
+
+
+START = "needs every input branch to start"
+END = "needs every output branch to end"
+MIDDLE = "lies in XNNPACK's sparse subgraph"
+
+REFUSED = {
+    "stem conv with same padding, no ZeroPadding2D": (
+        no_zero_padding,
+        START,
+        ["'first'", "padding='same'", "ZeroPadding2D(padding=1)"],
+    ),
+    "stem conv on 1 channel": (
+        lambda: stem_with(shape=(8, 8, 1)),
+        START,
+        ["'first'", "1 input channels, not 3"],
+    ),
+    "stem conv with stride 1": (
+        lambda: stem_with(strides=1),
+        START,
+        ["'first'", "strides=(1, 1)"],
+    ),
+    "stem conv 5x5": (
+        lambda: stem_with(kernel=5),
+        START,
+        ["'first'", "kernel_size=(5, 5)"],
+    ),
+    "stem padded by 2": (
+        lambda: stem_with(pad=2),
+        START,
+        ["'first'", "not from a `ZeroPadding2D(padding=1)`"],
+    ),
+    "output from AveragePooling2D": (
+        lambda: ending_with(layers.AveragePooling2D(2, name="pool")),
+        END,
+        ["'pool' (AveragePooling2D)", "GlobalAveragePooling2D(keepdims=True)"],
+    ),
+    "no pooling at all": (
+        lambda: ending_with(layers.Conv2D(4, 1, name="last")),
+        END,
+        ["'last'"],
+    ),
+    "MaxPooling2D between": (
+        lambda: middle(layers.MaxPooling2D(2, name="maxpool")),
+        MIDDLE,
+        ["'maxpool' (MaxPooling2D)", "MaxPooling2D is not supported"],
+    ),
+    "3x3 Conv2D between": (
+        lambda: middle(layers.Conv2D(8, 3, padding="same", name="conv3")),
+        MIDDLE,
+        ["'conv3'", "only 1x1 `Conv2D`", "kernel_size=(3, 3)"],
+    ),
+    "1x1 Conv2D with stride 2 between": (
+        lambda: middle(layers.Conv2D(8, 1, strides=2, name="strided")),
+        MIDDLE,
+        ["'strided'", "strides=(2, 2)"],
+    ),
+    "grouped 1x1 Conv2D between": (
+        lambda: middle(layers.Conv2D(8, 1, groups=2, name="grouped")),
+        MIDDLE,
+        ["'grouped'", "groups=2"],
+    ),
+    "stride-2 depthwise without ZeroPadding2D": (
+        lambda: middle(layers.DepthwiseConv2D(3, strides=2, name="dw")),
+        MIDDLE,
+        ["'dw' (DepthwiseConv2D)", "no `ZeroPadding2D(1)` before it"],
+    ),
+    "5x5 depthwise padded by 1": (
+        lambda: middle(
+            layers.ZeroPadding2D(1),
+            layers.DepthwiseConv2D(5, strides=2, name="dw"),
+        ),
+        MIDDLE,
+        ["'dw'", "no `ZeroPadding2D(2)` before it"],
+    ),
+    "7x7 depthwise": (
+        lambda: middle(layers.DepthwiseConv2D(7, padding="same", name="dw")),
+        MIDDLE,
+        ["'dw'", "kernel_size=(7, 7)"],
+    ),
+    "depthwise with depth multiplier 2": (
+        lambda: middle(
+            layers.DepthwiseConv2D(
+                3, padding="same", depth_multiplier=2, name="dw"
+            )
+        ),
+        MIDDLE,
+        ["'dw'", "depth_multiplier=2"],
+    ),
+    "dilated depthwise": (
+        lambda: middle(
+            layers.DepthwiseConv2D(
+                3, padding="same", dilation_rate=2, name="dw"
+            )
+        ),
+        MIDDLE,
+        ["'dw'", "dilation_rate=(2, 2)"],
+    ),
+    "tanh activation": (
+        lambda: middle(layers.Activation("tanh", name="act")),
+        MIDDLE,
+        ["'act' (Activation)", "activation 'tanh'"],
+    ),
+    "nearest upsampling": (
+        lambda: middle(layers.UpSampling2D(name="up")),
+        MIDDLE,
+        ["'up' (UpSampling2D)", "interpolation='nearest'"],
+    ),
+    "batch normalization on axis 1": (
+        lambda: middle(layers.BatchNormalization(axis=1, name="bn")),
+        MIDDLE,
+        ["'bn' (BatchNormalization)", "axis=1"],
+    ),
+    "global pooling without keepdims inside (squeeze-excite)": (
+        squeeze_excite_without_keepdims,
+        MIDDLE,
+        ["'squeeze' (GlobalAveragePooling2D)", "keepdims=False"],
+    ),
+    "keras.ops.tanh between": (
+        lambda: middle(keras.ops.tanh),
+        MIDDLE,
+        ["Tanh", "not supported"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_model_breaking_a_sparse_inference_rule_is_refused(case):
+    build, rule, fragments = REFUSED[case]
+    model = build()
+    with pytest.raises(ValueError, match="PruneForLatencyOnXNNPack") as info:
+        prune(model)
+    message = str(info.value)
+    assert rule in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_refused_model_is_left_unchanged():
+    model = middle(layers.MaxPooling2D(2))
+    before = [layer for layer in model._flatten_layers()]
+    weights = [np.copy(w) for w in model.get_weights()]
+    x = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
+    expected = model.predict(x, verbose=0)
+    with pytest.raises(ValueError):
+        prune(model)
+    assert [layer for layer in model._flatten_layers()] == before
+    assert not wrapped_names(model)
+    for old, new in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected)
+
+
+def test_subclassed_model_is_refused():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.pad = layers.ZeroPadding2D(1)
+            self.conv = layers.Conv2D(8, 3, strides=2)
+            self.pointwise = layers.Conv2D(8, 1)
+            self.pool = layers.GlobalAveragePooling2D()
+
+        def call(self, x):
+            return self.pool(self.pointwise(self.conv(self.pad(x))))
+
+    model = Net()
+    model(np.zeros((1, 8, 8, 3), "float32"))
+    with pytest.raises(ValueError, match="Sequential or functional") as info:
+        prune(model)
+    assert "(Net)" in str(info.value)
+    assert not wrapped_names(model)
+
+
+def test_model_without_an_input_shape_is_refused():
+    model = keras.Sequential(
+        [
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(4, 3, strides=2),
+            layers.Conv2D(8, 1),
+            layers.GlobalAveragePooling2D(),
+        ]
+    )
+    with pytest.raises(ValueError, match="must be built.*keras.Input"):
+        prune(model)
+
+
+# The behaviours tfmot 0.8.1's own tests check, on Keras 3.
+
+
+def test_allow_pruning_accepts_only_1x1_conv2d():
+    policy = POLICY()
+    assert policy.allow_pruning(layers.Conv2D(4, 1))
+    assert policy.allow_pruning(layers.Conv2D(4, (1, 1), strides=2))
+    assert not policy.allow_pruning(layers.Conv2D(4, 3))
+    assert not policy.allow_pruning(layers.DepthwiseConv2D(1))
+    assert not policy.allow_pruning(layers.SeparableConv2D(4, 1))
+    assert not policy.allow_pruning(layers.Dense(4))
+    assert isinstance(policy, kprune.PruningPolicy)
+
+
+def test_sequential_model_with_input_shape_is_pruned():
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(4, 3, strides=2, padding="valid"),
+            layers.DepthwiseConv2D(3, padding="same"),
+            layers.Conv2D(8, 1, name="pointwise"),
+            layers.GlobalAveragePooling2D(),
+        ]
+    )
+    assert wrapped_names(prune(model)) == ["pointwise"]
+
+
+def test_1x1_convolutions_of_a_nested_sequential_are_pruned():
+    inner = keras.Sequential(
+        [layers.Conv2D(8, 1, name="a"), layers.Conv2D(16, 1, name="b")]
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(4, 3, strides=2),
+            inner,
+            layers.GlobalAveragePooling2D(),
+        ]
+    )
+    assert wrapped_names(prune(model)) == ["a", "b"]
+
+
+def test_nested_model_breaking_a_rule_is_refused_naming_its_layer():
+    inner = keras.Sequential(
+        [layers.Conv2D(8, 1), layers.MaxPooling2D(2, name="inner_pool")]
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(4, 3, strides=2),
+            inner,
+            layers.GlobalAveragePooling2D(),
+        ]
+    )
+    with pytest.raises(ValueError, match="'inner_pool'"):
+        prune(model)
+
+
+def test_shared_1x1_convolution_is_wrapped_once():
+    i = keras.Input((8, 8, 3))
+    x = stem(i, filters=16)
+    shared = layers.Conv2D(16, 1, name="shared")
+    x = shared(shared(x))
+    model = functional(i, layers.GlobalAveragePooling2D()(x))
+    assert wrapped_names(prune(model)) == ["shared"]
+
+
+def test_model_without_1x1_convolutions_is_accepted_and_left_dense():
+    i = keras.Input((8, 8, 3))
+    x = layers.DepthwiseConv2D(3, padding="same")(stem(i))
+    x = layers.Activation("relu")(x)
+    model = functional(i, layers.GlobalAveragePooling2D()(x))
+    assert wrapped_names(prune(model)) == []
+
+
+def test_two_branch_model_with_squeeze_excite_and_two_heads():
+    i1 = keras.Input((16, 16, 3))
+    x1 = stem(i1, filters=16)
+    x1 = layers.Add()(
+        [
+            layers.DepthwiseConv2D(3, padding="same")(x1),
+            layers.Conv2D(16, 1, name="p1")(x1),
+        ]
+    )
+    i2 = keras.Input((16, 16, 3))
+    x2 = layers.ZeroPadding2D(1)(stem(i2))
+    x2 = layers.DepthwiseConv2D(3, strides=2)(x2)
+    se = layers.GlobalAveragePooling2D(keepdims=True)(x2)
+    se = layers.Activation("sigmoid")(layers.Conv2D(32, 1, name="p2")(se))
+    up = layers.UpSampling2D(interpolation="bilinear")(
+        layers.Conv2D(32, 1, name="p3")(x2)
+    )
+    x2 = layers.Conv2D(16, 1, name="p4")(layers.Multiply()([se, up]))
+    x = layers.GlobalAveragePooling2D(keepdims=True)(layers.Add()([x1, x2]))
+    outputs = [
+        layers.Conv2D(7, 1, name="head1")(x),
+        layers.Conv2D(3, 1, name="head2")(x),
+    ]
+    model = keras.Model([i1, i2], outputs)
+    assert wrapped_names(prune(model)) == [
+        "head1",
+        "head2",
+        "p1",
+        "p2",
+        "p3",
+        "p4",
+    ]
+
+
+def test_second_input_that_skips_the_stem_is_refused():
+    image = keras.Input((8, 8, 3), name="image")
+    extra = keras.Input((8,), name="extra")
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(8, 1)(stem(image)))
+    x = layers.Concatenate()([x, layers.Dense(8)(extra)])
+    model = keras.Model([image, extra], layers.Dense(2, name="head")(x))
+    with pytest.raises(ValueError, match=START) as info:
+        prune(model)
+    assert "input 'extra'" in str(info.value)
+    assert "'head'" in str(info.value)
+
+
+def test_model_cloned_with_shared_layers_is_pruned():
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(16, 1, name="pointwise")(stem(i, filters=16))
+    original = functional(i, layers.GlobalAveragePooling2D()(x))
+    clone = keras.models.clone_model(original, clone_function=lambda x: x)
+    assert wrapped_names(prune(clone)) == ["pointwise"]
+
+
+def test_tensor_arithmetic_between_is_accepted():
+    i = keras.Input((8, 8, 3))
+    x = stem(i, filters=16)
+    residual = layers.Conv2D(16, 1, name="pointwise")(x)
+    x = x + residual
+    x = x - residual
+    x = keras.ops.relu(x * residual)
+    model = functional(i, layers.GlobalAveragePooling2D()(x))
+    assert wrapped_names(prune(model)) == ["pointwise"]
+
+
+def test_pruning_a_pruned_model_again_keeps_one_wrapper_per_layer():
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(16, 1, name="pointwise")(stem(i, filters=16))
+    model = functional(i, layers.GlobalAveragePooling2D()(x))
+    once = prune(model)
+    twice = prune(once)
+    assert wrapped_names(once) == wrapped_names(twice) == ["pointwise"]
+
+
+def test_layers_the_policy_skips_need_not_be_prunable():
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.scale = self.add_weight(
+                shape=(input_shape[-1],), initializer="ones"
+            )
+
+        def call(self, x):
+            return x * self.scale
+
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(16, 1, name="pointwise")(stem(i, filters=16))
+    x = layers.Flatten()(layers.GlobalAveragePooling2D(keepdims=True)(x))
+    model = functional(i, Scale()(x))
+    with pytest.raises(ValueError):
+        kprune.prune_low_magnitude(model)  # kprune cannot prune `Scale`
+    assert wrapped_names(prune(model)) == ["pointwise"]
