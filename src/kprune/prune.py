@@ -87,6 +87,8 @@ def _clone_graph_model(model, clone_function):
                 )
         finally:
             graph.compiled = compiled
+        if compiled:
+            new.optimizer = None  # as tfmot's: the optimizer is removed
         _keep_class(graph, new, memo)
         return new
 
@@ -428,12 +430,21 @@ def prune_low_magnitude(
       owns that very layer object.
     - A `keras.Sequential` or functional model is cloned, nested models and
       shared layers included; the clone starts from the model's current
-      weights and the input model is left unchanged.
+      weights and the input model is left unchanged. Each layer is copied
+      by its own class from its config (no registration needed); a layer
+      whose config cannot rebuild it (an `__init__` without `**kwargs`) is
+      not copied but reused, as tfmot reuses every layer: the two models
+      then share it and its weights, and if it is pruned, the input
+      model's layer is pruned too (until `strip_pruning`). The clone keeps
+      the model's class and attributes (a keras-hub `GPT2CausalLM` keeps
+      `generate`, and `backbone.transformer_layers` are the pruned
+      layers). Like tfmot's, it is not compiled: compile it to train it.
     - A subclassed model (a `keras.Model` subclass with its own `call`)
       cannot be cloned: it is pruned in place and returned. Its sublayers
       (attributes, lists, dicts) are replaced by wrappers once every one
-      has been checked, so a call that fails changes nothing. Compile it
-      after pruning.
+      has been checked, so a call that fails changes nothing. It keeps its
+      compile settings, but its optimizer has not seen the new layers:
+      compile it after pruning.
     - A custom layer or a subclassed model used as a layer is pruned as one
       unit: one wrapper, with a mask for each prunable weight of every
       layer inside it (`MultiHeadAttention`, `LSTM`, `Bidirectional`...
@@ -569,20 +580,33 @@ def prune_low_magnitude(
 
 
 def strip_pruning(model):
-    """Returns a plain copy of a pruned model, for export.
+    """Returns a plain model from a pruned one, for export.
 
-    Every `PruneLowMagnitude` wrapper is replaced by a copy of the layer it
-    wraps, holding the masked (sparse) weights. The result contains no
-    kprune objects: it saves and loads with plain `keras.saving`, and its
-    predictions equal the pruned model's. Like `tfmot`'s, it is not
-    compiled, so that a saved export holds no optimizer state; compile it
-    to evaluate it. The pruned model is unchanged.
+    Every `PruneLowMagnitude` wrapper is replaced by the layer it wraps,
+    holding the masked (sparse) weights. The result contains no kprune
+    objects: it saves and loads with plain `keras.saving`, and its
+    predictions equal the pruned model's.
+
+    - A Sequential or functional model is cloned as `prune_low_magnitude`
+      clones it: a new model of the same class and attributes, with the
+      input layers' names, so its `get_config()` equals the unpruned
+      model's. Like `tfmot`'s, it is not compiled, so that a saved export
+      holds no optimizer state; compile it to evaluate it. The pruned model
+      is unchanged and keeps training. A wrapped layer whose config cannot
+      rebuild it is unwrapped instead of copied: the stripped model shares
+      it with the pruned model, and its weights get back their own
+      constraints, so the pruned model no longer prunes it.
+    - A subclassed model, pruned in place, is stripped in place: its
+      wrappers are replaced by the layers they wrap (the same objects,
+      holding the masked weights, with their own constraints back), and the
+      same object, of the same class, is returned; it no longer prunes,
+      and keeps its compile settings (it trains on as a plain model).
 
     Args:
-        model: A Sequential or functional model, pruned or not.
+        model: A Keras model, pruned or not.
 
     Returns:
-        A new model of the same architecture without pruning wrappers.
+        The model without pruning wrappers.
 
     Raises:
         ValueError: If `model` is not a Keras model.
@@ -605,19 +629,19 @@ def strip_pruning(model):
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
             return layer
-        if isinstance(layer, PruneLowMagnitude):
-            new = _copy_layer(layer.layer)
-            if new is layer.layer:
-                new = _unwrap(layer)
-        else:
-            new = _copy_layer(layer)
+        source = layer.layer if isinstance(layer, PruneLowMagnitude) else layer
+        new = _copy_layer(source)
         pairs.append((layer, new))
         return new
 
     stripped, _ = _clone_graph_model(model, clone)
+    # The pruned model is changed only once the clone is complete.
     for old, new in pairs:
         if isinstance(old, PruneLowMagnitude):
-            new.set_weights(old.masked_layer_weights())
+            if new is old.layer:
+                _unwrap(old)
+            else:
+                new.set_weights(old.masked_layer_weights())
         elif old.weights and new is not old:
             new.set_weights(old.get_weights())
     return stripped
