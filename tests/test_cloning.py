@@ -271,8 +271,8 @@ def test_gpt2_causal_lm_keeps_its_class_trains_and_generates_after_strip():
 
     lm = tiny_gpt2()
     pruned = kprune.prune_low_magnitude(lm, SCHEDULE)
-    assert type(pruned) is keras_hub.models.GPT2CausalLM
-    assert type(pruned.backbone) is keras_hub.models.GPT2Backbone
+    assert isinstance(pruned, keras_hub.models.GPT2CausalLM)
+    assert isinstance(pruned.backbone, keras_hub.models.GPT2Backbone)
     assert pruned.backbone is not lm.backbone
     # `generate` calls these directly, not through the graph.
     blocks = pruned.backbone.transformer_layers
@@ -314,7 +314,7 @@ def test_pruned_gpt2_causal_lm_generates():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("_no_network")
-def test_bert_text_classifier_keeps_its_class_fits_and_predicts():
+def test_bert_text_classifier_keeps_its_class_fits_and_predicts(tmp_path):
     import keras_hub
 
     kprune.register_prunable_layer(
@@ -339,8 +339,8 @@ def test_bert_text_classifier_keeps_its_class_fits_and_predicts():
     }
     y = np.arange(8) % 3
     pruned = kprune.prune_low_magnitude(classifier, SCHEDULE)
-    assert type(pruned) is keras_hub.models.BertTextClassifier
-    assert type(pruned.backbone) is keras_hub.models.BertBackbone
+    assert isinstance(pruned, keras_hub.models.BertTextClassifier)
+    assert isinstance(pruned.backbone, keras_hub.models.BertBackbone)
     np.testing.assert_allclose(
         pruned.predict(x, verbose=0),
         classifier.predict(x, verbose=0),
@@ -353,9 +353,26 @@ def test_bert_text_classifier_keeps_its_class_fits_and_predicts():
     pruned.fit(
         x, y, batch_size=4, verbose=0, callbacks=[kprune.UpdatePruningStep()]
     )
+    expected = pruned.predict(x, verbose=0)
+    # Saved mid-training, it comes back as its graph, wrappers included.
+    pruned.save(tmp_path / "pruned.keras")
+    loaded = keras.saving.load_model(tmp_path / "pruned.keras")
+    assert len(collect_pruned_layers(loaded)) == len(
+        collect_pruned_layers(pruned)
+    )
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, atol=1e-5
+    )
     stripped = kprune.strip_pruning(pruned)
     assert type(stripped) is keras_hub.models.BertTextClassifier
+    assert type(stripped.backbone) is keras_hub.models.BertBackbone
     assert not collect_pruned_layers(stripped)
     np.testing.assert_allclose(
-        stripped.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-5
+        stripped.predict(x, verbose=0), expected, atol=1e-5
+    )
+    stripped.save(tmp_path / "stripped.keras")
+    reloaded = keras.saving.load_model(tmp_path / "stripped.keras")
+    assert type(reloaded) is keras_hub.models.BertTextClassifier
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), expected, atol=1e-5
     )

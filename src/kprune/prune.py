@@ -59,7 +59,62 @@ def _input_tensors(model):
     )
 
 
-def _clone_graph_model(model, clone_function):
+class _SavedAsGraph:
+    """Base of the classes of pruned functional subclasses.
+
+    A pruned keras-hub `GPT2CausalLM` must keep its class for its methods,
+    but its own `get_config` holds its constructor arguments, from which a
+    `.keras` file would rebuild it unpruned. So it saves as its graph, with
+    the pruning wrappers, and loads as a functional model of the same class
+    name (Keras finds weights in the file by class names), without the
+    subclass's methods, in any process that imports kprune.
+    """
+
+    def get_config(self):
+        config = keras.Model(self.input, self.output, name=self.name)
+        config = config.get_config()
+        config[_CLASS_NAME_KEY] = type(self).__name__
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        name = config.pop(_CLASS_NAME_KEY, None)
+        model = keras.Model.from_config(config, custom_objects=custom_objects)
+        if name is not None:
+            model.__class__ = _pruned_class(type(model), name)
+        return model
+
+
+_SAVED_AS_GRAPH = "PrunedFunctionalSubclass"
+_CLASS_NAME_KEY = "kprune_class_name"
+keras.saving.register_keras_serializable("kprune", _SAVED_AS_GRAPH)(
+    _SavedAsGraph
+)
+_PRUNED_CLASSES = {}
+
+
+def _user_class(cls):
+    return getattr(cls, "_kprune_user_class", cls)
+
+
+def _pruned_class(cls, name=None):
+    """`cls` (named `name`), saving as its graph: see `_SavedAsGraph`."""
+    name = name or cls.__name__
+    if (cls, name) not in _PRUNED_CLASSES:
+        pruned = type(
+            name,
+            (_SavedAsGraph, cls),
+            {"__module__": cls.__module__, "_kprune_user_class": cls},
+        )
+        keras.saving.register_keras_serializable("kprune", _SAVED_AS_GRAPH)(
+            pruned
+        )
+        _PRUNED_CLASSES[cls, name] = pruned
+    return _PRUNED_CLASSES[cls, name]
+
+
+def _clone_graph_model(model, clone_function, pruning=True):
     """Clones `model` level by level, uncompiled, keeping its class."""
     memo = {}
 
@@ -89,24 +144,25 @@ def _clone_graph_model(model, clone_function):
             graph.compiled = compiled
         if compiled:
             new.optimizer = None  # as tfmot's: the optimizer is removed
-        _keep_class(graph, new, memo)
+        cls = _user_class(type(graph))
+        if cls is not type(new):
+            cls = _pruned_class(cls) if pruning else cls
+            _keep_class(graph, new, cls, memo)
         return new
 
-    return _clone_one(model), memo
+    return _clone_one(model)
 
 
-def _keep_class(model, new, memo):
-    """Gives the clone `new` the class and attributes of `model`.
+def _keep_class(model, new, cls, memo):
+    """Gives the clone `new` the class `cls` and the attributes of `model`.
 
     `clone_model` returns a plain `Functional` for a functional subclass
     (a keras-hub task model or backbone); its methods (`generate`) and
     attributes (`backbone.transformer_layers`) are restored here, with
     every layer attribute pointing at the clone's layer.
     """
-    if type(new) is type(model):
-        return
     try:
-        new.__class__ = type(model)
+        new.__class__ = cls
     except TypeError:
         return
 
@@ -314,7 +370,7 @@ def _prune_graph_model(model, selection):
         pairs.append((layer, new))
         return new
 
-    pruned, _ = _clone_graph_model(model, clone)
+    pruned = _clone_graph_model(model, clone)
     _copy_weights(pairs)
     return pruned
 
@@ -634,7 +690,7 @@ def strip_pruning(model):
         pairs.append((layer, new))
         return new
 
-    stripped, _ = _clone_graph_model(model, clone)
+    stripped = _clone_graph_model(model, clone, pruning=False)
     # The pruned model is changed only once the clone is complete.
     for old, new in pairs:
         if isinstance(old, PruneLowMagnitude):
