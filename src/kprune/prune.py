@@ -494,7 +494,9 @@ def prune_low_magnitude(
       model's layer is pruned too (until `strip_pruning`). The clone keeps
       the model's class and attributes (a keras-hub `GPT2CausalLM` keeps
       `generate`, and `backbone.transformer_layers` are the pruned
-      layers). Like tfmot's, it is not compiled: compile it to train it.
+      layers); saved, it loads as a functional model with that class's
+      name but not its methods. Like tfmot's, it is not compiled: compile
+      it to train it.
     - A subclassed model (a `keras.Model` subclass with its own `call`)
       cannot be cloned: it is pruned in place and returned. Its sublayers
       (attributes, lists, dicts) are replaced by wrappers once every one
