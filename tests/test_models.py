@@ -108,16 +108,26 @@ def test_subclassed_model_is_pruned_in_place_trained_and_stripped():
     assert steps(net) == [16, 16, 16, 16]
     assert_at_target(net)
 
+    expected = net.predict(x, verbose=0)
+    stem_kernel = net.stem.layer.kernel
     stripped = kprune.strip_pruning(net)
-    assert type(stripped) is Net and stripped is not net
-    assert not collect_pruned_layers(stripped)
-    assert isinstance(stripped.stem, layers.Dense)
-    np.testing.assert_allclose(
-        stripped.predict(x, verbose=0), net.predict(x, verbose=0), atol=1e-6
-    )
-    # The pruned model keeps its wrappers and keeps training.
-    fit_pruned(net, x, y)
-    assert steps(net) == [24, 24, 24, 24]
+    # Stripped in place, as it was pruned: the same object, its own layers.
+    assert stripped is net
+    assert not collect_pruned_layers(net)
+    assert isinstance(net.stem, layers.Dense)
+    assert net.stem.kernel is stem_kernel
+    assert stem_kernel.constraint is None
+    assert not any("mask" in w.path for w in net.weights)
+    np.testing.assert_allclose(net.predict(x, verbose=0), expected, atol=1e-6)
+    assert_at_target_plain(net)
+    # It trains on as a plain model.
+    net.fit(x, y, verbose=0)
+
+
+def assert_at_target_plain(model):
+    for layer in (model.stem, *model.blocks, model.heads["out"]):
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        assert (kernel != 0).sum() == reference_kept(kernel.size, 0.75)
 
 
 def test_failed_pruning_of_a_subclassed_model_changes_nothing():

@@ -13,6 +13,7 @@ from kprune.schedules import PruningSchedule
 from kprune.schedules import is_real_number
 from kprune.wrapper import DEFAULT_SCHEDULE
 from kprune.wrapper import PruneLowMagnitude
+from kprune.wrapper import _PruningConstraint
 from kprune.wrapper import collect_pruned_layers
 from kprune.wrapper import validate_pruning_args
 from kprune.wrapper import validate_schedule
@@ -22,20 +23,172 @@ def _is_model(obj) -> bool:
     return isinstance(obj, keras.Model)
 
 
-def _clone_graph_model(model, clone_function):
-    return keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True
-    )
-
-
 def _is_subclassed(model) -> bool:
     return not isinstance(model, keras.Sequential) and not hasattr(
         model, "_nodes_by_depth"
     )
 
 
-def _fresh_copy(layer):
-    return layer.__class__.from_config(layer.get_config())
+def _copy_layer(layer):
+    """A new layer like `layer`, or `layer` itself if none can be made.
+
+    A built Keras 3 layer cannot be copied as a live object (`copy.deepcopy`
+    goes through `.keras` serialization, or fails on the layer's tracked
+    state), so the copy is made by the class itself from the layer's
+    config: no registration is needed. A layer that its config cannot
+    rebuild (an `__init__` without `**kwargs`, a `get_config` missing an
+    argument) is reused as it is, as tfmot reuses every layer.
+    """
+    try:
+        return type(layer).from_config(layer.get_config())
+    except Exception:
+        return layer
+
+
+def _input_tensors(model):
+    """New inputs for a functional clone, named like the model's."""
+    names = {
+        id(layer.output): layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.InputLayer)
+    }
+    return keras.tree.map_structure(
+        lambda t: keras.Input(
+            batch_shape=t.shape,
+            dtype=t.dtype,
+            sparse=t.sparse,
+            name=names.get(id(t), t.name),
+        ),
+        model.input,
+    )
+
+
+class _SavedAsGraph:
+    """Base of the classes of pruned functional subclasses.
+
+    A pruned keras-hub `GPT2CausalLM` must keep its class for its methods,
+    but its own `get_config` holds its constructor arguments, from which a
+    `.keras` file would rebuild it unpruned. So it saves as its graph, with
+    the pruning wrappers, and loads as a functional model of the same class
+    name (Keras finds weights in the file by class names), without the
+    subclass's methods, in any process that imports kprune.
+    """
+
+    def get_config(self):
+        config = keras.Model(self.input, self.output, name=self.name)
+        config = config.get_config()
+        config[_CLASS_NAME_KEY] = type(self).__name__
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        name = config.pop(_CLASS_NAME_KEY, None)
+        model = keras.Model.from_config(config, custom_objects=custom_objects)
+        if name is not None:
+            model.__class__ = _pruned_class(type(model), name)
+        return model
+
+
+_SAVED_AS_GRAPH = "PrunedFunctionalSubclass"
+_CLASS_NAME_KEY = "kprune_class_name"
+keras.saving.register_keras_serializable("kprune", _SAVED_AS_GRAPH)(
+    _SavedAsGraph
+)
+_PRUNED_CLASSES = {}
+
+
+def _user_class(cls):
+    return getattr(cls, "_kprune_user_class", cls)
+
+
+def _pruned_class(cls, name=None):
+    """`cls` (named `name`), saving as its graph: see `_SavedAsGraph`."""
+    name = name or cls.__name__
+    if (cls, name) not in _PRUNED_CLASSES:
+        pruned = type(
+            name,
+            (_SavedAsGraph, cls),
+            {"__module__": cls.__module__, "_kprune_user_class": cls},
+        )
+        keras.saving.register_keras_serializable("kprune", _SAVED_AS_GRAPH)(
+            pruned
+        )
+        _PRUNED_CLASSES[cls, name] = pruned
+    return _PRUNED_CLASSES[cls, name]
+
+
+def _clone_graph_model(model, clone_function, pruning=True):
+    """Clones `model` level by level, uncompiled, keeping its class."""
+    memo = {}
+
+    def clone(layer):
+        if id(layer) not in memo:
+            if _is_model(layer) and not _is_subclassed(layer):
+                memo[id(layer)] = _clone_one(layer)
+            else:
+                memo[id(layer)] = clone_function(layer)
+        return memo[id(layer)]
+
+    def _clone_one(graph):
+        compiled = graph.compiled
+        try:
+            # `clone_model` compiles the clone of a compiled model; like
+            # tfmot's, the result is not compiled (it has no optimizer).
+            graph.compiled = False
+            if isinstance(graph, keras.Sequential):
+                new = keras.models.clone_model(graph, clone_function=clone)
+            else:
+                new = keras.models.clone_model(
+                    graph,
+                    input_tensors=_input_tensors(graph),
+                    clone_function=clone,
+                )
+        finally:
+            graph.compiled = compiled
+        if compiled:
+            new.optimizer = None  # as tfmot's: the optimizer is removed
+        cls = _user_class(type(graph))
+        if cls is not type(new):
+            cls = _pruned_class(cls) if pruning else cls
+            _keep_class(graph, new, cls, memo)
+        return new
+
+    return _clone_one(model)
+
+
+def _keep_class(model, new, cls, memo):
+    """Gives the clone `new` the class `cls` and the attributes of `model`.
+
+    `clone_model` returns a plain `Functional` for a functional subclass
+    (a keras-hub task model or backbone); its methods (`generate`) and
+    attributes (`backbone.transformer_layers`) are restored here, with
+    every layer attribute pointing at the clone's layer.
+    """
+    try:
+        new.__class__ = cls
+    except TypeError:
+        return
+
+    def convert(value):
+        if isinstance(value, keras.layers.Layer):
+            if id(value) in memo:
+                return memo[id(value)]
+            return value  # not in the graph: a preprocessor, say
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if type(value) is tuple:
+            return tuple(convert(v) for v in value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    own = vars(new)
+    for name, value in vars(model).items():
+        if name not in own:
+            # Keras locks a built model's attributes, and these layers are
+            # tracked already through the clone's graph.
+            object.__setattr__(new, name, convert(value))
 
 
 def _wrap_layer(layer, params, alone=False):
@@ -61,10 +214,22 @@ def _wrap_layer(layer, params, alone=False):
 
 def _copy_weights(pairs):
     for old, new in pairs:
+        if new is old:
+            continue
         if isinstance(new, PruneLowMagnitude) and not isinstance(
             old, PruneLowMagnitude
         ):
-            new.layer.set_weights(old.get_weights())
+            if new.layer is not old:
+                new.layer.set_weights(old.get_weights())
+        elif isinstance(new, PruneLowMagnitude):
+            if new.layer is not old.layer:
+                new.layer.set_weights(old.layer.get_weights())
+            for (_, mask, threshold), (_, m, t) in zip(
+                new.pruning_vars, old.pruning_vars
+            ):
+                mask.assign(m)
+                threshold.assign(t)
+            new.pruning_step.assign(old.pruning_step)
         elif old.weights:
             new.set_weights(old.get_weights())
 
@@ -349,7 +514,14 @@ def _prune_graph_model(model, selection):
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless operation, such as a `GetItem`
         if isinstance(layer, PruneLowMagnitude):
-            new = _fresh_copy(layer)
+            new = PruneLowMagnitude(
+                _copy_layer(layer.layer),
+                pruning_schedule=layer.pruning_schedule,
+                block_size=layer.block_size,
+                block_pooling_type=layer.block_pooling_type,
+                sparsity_m_by_n=layer.sparsity_m_by_n,
+                name=layer.name,
+            )
             pairs.append((layer, new))
             return new
         params = selection.chosen(layer)
@@ -362,13 +534,13 @@ def _prune_graph_model(model, selection):
                     params["block_size"],
                     params["sparsity_m_by_n"],
                 )
-            new = PruneLowMagnitude(_fresh_copy(layer), **params)
+            new = PruneLowMagnitude(_copy_layer(layer), **params)
         elif (
             status in (registry.PRUNABLE, registry.NOTHING_TO_PRUNE)
             or params is None  # not selected, or refused by the policy
             or (status == registry.UNKNOWN and not layer.weights)
         ):
-            new = _fresh_copy(layer)
+            new = _copy_layer(layer)
         else:
             raise registry.unsupported_layer_error(layer)
         pairs.append((layer, new))
@@ -503,12 +675,23 @@ def prune_low_magnitude(
       owns that very layer object.
     - A `keras.Sequential` or functional model is cloned, nested models and
       shared layers included; the clone starts from the model's current
-      weights and the input model is left unchanged.
+      weights and the input model is left unchanged. Each layer is copied
+      by its own class from its config (no registration needed); a layer
+      whose config cannot rebuild it (an `__init__` without `**kwargs`) is
+      not copied but reused, as tfmot reuses every layer: the two models
+      then share it and its weights, and if it is pruned, the input
+      model's layer is pruned too (until `strip_pruning`). The clone keeps
+      the model's class and attributes (a keras-hub `GPT2CausalLM` keeps
+      `generate`, and `backbone.transformer_layers` are the pruned
+      layers); saved, it loads as a functional model with that class's
+      name but not its methods. Like tfmot's, it is not compiled: compile
+      it to train it.
     - A subclassed model (a `keras.Model` subclass with its own `call`)
       cannot be cloned: it is pruned in place and returned. Its sublayers
       (attributes, lists, dicts) are replaced by wrappers once every one
-      has been checked, so a call that fails changes nothing. Compile it
-      after pruning.
+      has been checked, so a call that fails changes nothing. It keeps its
+      compile settings, but its optimizer has not seen the new layers:
+      compile it after pruning.
     - A custom layer or a subclassed model used as a layer is pruned as one
       unit: one wrapper, with a mask for each prunable weight of every
       layer inside it (`MultiHeadAttention`, `LSTM`, `Bidirectional`...
@@ -655,20 +838,33 @@ def prune_low_magnitude(
 
 
 def strip_pruning(model):
-    """Returns a plain copy of a pruned model, for export.
+    """Returns a plain model from a pruned one, for export.
 
-    Every `PruneLowMagnitude` wrapper is replaced by a copy of the layer it
-    wraps, holding the masked (sparse) weights. The result contains no
-    kprune objects: it saves and loads with plain `keras.saving`, and its
-    predictions equal the pruned model's. Like `tfmot`'s, it is not
-    compiled, so that a saved export holds no optimizer state; compile it
-    to evaluate it. The pruned model is unchanged.
+    Every `PruneLowMagnitude` wrapper is replaced by the layer it wraps,
+    holding the masked (sparse) weights. The result contains no kprune
+    objects: it saves and loads with plain `keras.saving`, and its
+    predictions equal the pruned model's.
+
+    - A Sequential or functional model is cloned as `prune_low_magnitude`
+      clones it: a new model of the same class and attributes, with the
+      input layers' names, so its `get_config()` equals the unpruned
+      model's. Like `tfmot`'s, it is not compiled, so that a saved export
+      holds no optimizer state; compile it to evaluate it. The pruned model
+      is unchanged and keeps training. A wrapped layer whose config cannot
+      rebuild it is unwrapped instead of copied: the stripped model shares
+      it with the pruned model, and its weights get back their own
+      constraints, so the pruned model no longer prunes it.
+    - A subclassed model, pruned in place, is stripped in place: its
+      wrappers are replaced by the layers they wrap (the same objects,
+      holding the masked weights, with their own constraints back), and the
+      same object, of the same class, is returned; it no longer prunes,
+      and keeps its compile settings (it trains on as a plain model).
 
     Args:
-        model: A Sequential or functional model, pruned or not.
+        model: A Keras model, pruned or not.
 
     Returns:
-        A new model of the same architecture without pruning wrappers.
+        The model without pruning wrappers.
 
     Raises:
         ValueError: If `model` is not a Keras model.
@@ -691,74 +887,55 @@ def strip_pruning(model):
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
             return layer
-        new = _fresh_copy(
-            layer.layer if isinstance(layer, PruneLowMagnitude) else layer
-        )
+        source = layer.layer if isinstance(layer, PruneLowMagnitude) else layer
+        new = _copy_layer(source)
         pairs.append((layer, new))
         return new
 
-    stripped = _clone_graph_model(model, clone)
+    stripped = _clone_graph_model(model, clone, pruning=False)
+    # The pruned model is changed only once the clone is complete.
     for old, new in pairs:
         if isinstance(old, PruneLowMagnitude):
-            new.set_weights(old.masked_layer_weights())
-        elif old.weights:
+            if new is old.layer:
+                _unwrap(old)
+            else:
+                new.set_weights(old.masked_layer_weights())
+        elif old.weights and new is not old:
             new.set_weights(old.get_weights())
-    if stripped.compiled:
-        # `clone_model` recompiles the copy with a new optimizer whose
-        # state would be saved with it; an export needs only the weights.
-        plain = stripped.__class__.from_config(stripped.get_config())
-        plain.set_weights(stripped.get_weights())
-        return plain
     return stripped
 
 
+def _unwrap(wrapper):
+    """The wrapped layer, with its weights masked and own constraints."""
+    layer = wrapper.layer
+    layer.set_weights(wrapper.masked_layer_weights())
+    for weight, _, _ in wrapper.pruning_vars:
+        constraint = weight.constraint
+        if isinstance(constraint, _PruningConstraint):
+            weight.constraint = constraint.original
+    return layer
+
+
 def _strip_subclassed(model):
-    wrappers = [
-        child
-        for child in registry.sublayers(model)
-        if isinstance(child, PruneLowMagnitude)
-    ]
-    try:
-        plain = model.__class__.from_config(model.get_config())
-    except Exception as error:
-        raise ValueError(
-            f"`strip_pruning` copies subclassed model {model.name!r} with "
-            f"`{type(model).__name__}.from_config(model.get_config())`, "
-            f"which failed: {error}. Give the class a `get_config` that "
-            "returns its constructor arguments, or read the sparse weights "
-            "of each `kprune.PruneLowMagnitude` inside it with "
-            "`layer.masked_layer_weights()`."
-        ) from error
-    build_config = model.get_build_config()
-    if build_config:
-        plain.build_from_config(build_config)
-    masked = {}
-    for wrapper in wrappers:
-        for variable, value in zip(
-            wrapper.layer.weights, wrapper.masked_layer_weights()
+    """Strips a subclassed model in place, as it was pruned."""
+    plan = []
+    for child in registry.sublayers(model):
+        if isinstance(child, PruneLowMagnitude):
+            plan.append((child, None))
+        elif (
+            _is_model(child)
+            and not _is_subclassed(child)
+            and collect_pruned_layers(child)
         ):
-            masked[id(variable)] = value
-    # With the wrappers taken out, the model has the architecture of the
-    # copy, so their weights line up.
-    for wrapper in wrappers:
-        _replace_everywhere(model, wrapper, wrapper.layer)
-    try:
-        values = [masked.get(id(v), None) for v in model.weights]
-        values = [
-            keras.ops.convert_to_numpy(v) if value is None else value
-            for v, value in zip(model.weights, values)
-        ]
-    finally:
-        for wrapper in wrappers:
-            _replace_everywhere(model, wrapper.layer, wrapper)
-    if [tuple(v.shape) for v in plain.weights] != [v.shape for v in values]:
-        raise ValueError(
-            f"`strip_pruning` could not match the weights of subclassed model "
-            f"{model.name!r} with those of a fresh copy built from its "
-            "config: build the model by calling it once before pruning."
-        )
-    plain.set_weights(values)
-    return plain
+            plan.append((child, strip_pruning(child)))
+    # Everything is copied before the model is changed.
+    for old, new in plan:
+        _replace_everywhere(model, old, _unwrap(old) if new is None else new)
+    # Training steps traced with the wrappers would still call them.
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+    return model
 
 
 _CUSTOM_OBJECTS = {
