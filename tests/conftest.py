@@ -8,6 +8,18 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _registry():
+    # `kprune.register_prunable_layer` is global: a test's registrations
+    # must not reach the next test.
+    from kprune import registry
+
+    saved = dict(registry._PRUNABLE_WEIGHTS)
+    yield
+    registry._PRUNABLE_WEIGHTS.clear()
+    registry._PRUNABLE_WEIGHTS.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
     yield

@@ -61,10 +61,6 @@ def hub_classifier(name):
     def build():
         import keras_hub
 
-        # A table of positions: register it to prune it too.
-        kprune.register_prunable_layer(
-            keras_hub.layers.PositionEmbedding, ["position_embeddings"]
-        )
         config = dict(
             vocabulary_size=50,
             num_layers=2,

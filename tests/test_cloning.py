@@ -234,10 +234,6 @@ def _no_network(monkeypatch):
 def tiny_gpt2():
     import keras_hub
 
-    # TODO(issue 11 point 7): drop once keras-hub layers need no registration.
-    kprune.register_prunable_layer(
-        keras_hub.layers.PositionEmbedding, ["position_embeddings"]
-    )
     vocabulary = {"<|endoftext|>": 0, "Ġ": 1, "a": 2, "b": 3, "c": 4}
     vocabulary.update({"Ġa": 5, "Ġb": 6, "Ġc": 7})
     tokenizer = keras_hub.models.GPT2Tokenizer(
@@ -302,11 +298,6 @@ def test_gpt2_causal_lm_keeps_its_class_trains_and_generates_after_strip():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("_no_network")
-@pytest.mark.xfail(
-    reason="needs the wrapper to forward keyword calls (issue 11 point 6): "
-    "`generate` calls the transformer layers with cache keywords",
-    strict=False,
-)
 def test_pruned_gpt2_causal_lm_generates():
     pruned = kprune.prune_low_magnitude(tiny_gpt2(), SCHEDULE)
     assert_generates(pruned)
@@ -317,9 +308,6 @@ def test_pruned_gpt2_causal_lm_generates():
 def test_bert_text_classifier_keeps_its_class_fits_and_predicts(tmp_path):
     import keras_hub
 
-    kprune.register_prunable_layer(
-        keras_hub.layers.PositionEmbedding, ["position_embeddings"]
-    )
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=50,
         num_layers=2,
