@@ -67,11 +67,15 @@ def test_training_without_the_callback_fails_and_says_what_to_do():
     before = model.get_weights()
     with pytest.raises(Exception, match="UpdatePruningStep") as info:
         model.fit(x, y, batch_size=4, verbose=0)
-    for old, new in zip(before, model.get_weights()):
-        np.testing.assert_array_equal(old, new)
     # The advice in the message works on every backend.
-    if "compile" in str(info.value):
-        compile_classifier(model)
+    if "Prune the original model again" in str(info.value):
+        # JAX: Keras's `fit` detached the weights before the step was
+        # traced and cannot reattach them, so the message says to prune
+        # the original model again (a known gap, docs/migrating.md).
+        model = _pruned_mlp()
+    else:
+        for old, new in zip(before, model.get_weights()):
+            np.testing.assert_array_equal(old, new)
     fit_pruned(model, x, y)
     assert steps(model) == [2, 2]
 
