@@ -1,6 +1,7 @@
 """What pruning and stripping copy, reuse and keep of the user's model."""
 
 import socket
+import warnings
 
 import keras
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 from keras import layers
 
 import kprune
-from kprune import registry
 from kprune.wrapper import _PruningConstraint
 from kprune.wrapper import collect_pruned_layers
 from testing import compile_classifier
@@ -17,14 +17,6 @@ from testing import pruned_weights
 from testing import reference_kept
 
 SCHEDULE = kprune.ConstantSparsity(0.5, 0, frequency=1)
-
-
-@pytest.fixture(autouse=True)
-def _restore_registry():
-    saved = dict(registry._PRUNABLE_WEIGHTS)
-    yield
-    registry._PRUNABLE_WEIGHTS.clear()
-    registry._PRUNABLE_WEIGHTS.update(saved)
 
 
 # keras-io's text_classification_with_transformer.py, as written: not
@@ -94,9 +86,14 @@ def test_layers_without_kwargs_prune_train_and_strip():
     model = text_transformer()
     x, y = token_data()
     before = model.predict(x, verbose=0)
-    pruned = kprune.prune_low_magnitude(
-        model, SCHEDULE, layers=lambda layer: not isinstance(layer, Scale)
-    )
+    with pytest.warns(UserWarning, match="shares them with the input") as w:
+        pruned = kprune.prune_low_magnitude(
+            model, SCHEDULE, layers=lambda layer: not isinstance(layer, Scale)
+        )
+    message = str(w[0].message)
+    for name in ("TransformerBlock", "TokenAndPositionEmbedding", "Scale"):
+        assert f"({name})" in message
+    assert "(Dense)" not in message
     np.testing.assert_allclose(pruned.predict(x, verbose=0), before, atol=1e-5)
     units = {type(w.layer).__name__: w for w in collect_pruned_layers(pruned)}
     assert sorted(units) == [
@@ -130,6 +127,14 @@ def test_layers_without_kwargs_prune_train_and_strip():
     assert not any(
         isinstance(w.constraint, _PruningConstraint) for w in stripped.weights
     )
+
+
+def test_layers_their_config_rebuilds_are_copied_without_a_warning():
+    model = functional_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned = kprune.prune_low_magnitude(model, SCHEDULE)
+    assert not set(map(id, pruned.layers)) & set(map(id, model.layers))
 
 
 def test_unregistered_dense_subclass_in_a_compiled_model():

@@ -548,7 +548,30 @@ def _prune_graph_model(model, selection):
 
     pruned = _clone_graph_model(model, clone)
     _copy_weights(pairs)
+    _warn_shared(pairs)
     return pruned
+
+
+def _warn_shared(pairs):
+    """Says which layers with weights the clone shares with the input."""
+    shared = []
+    for old, new in pairs:
+        inner = new.layer if isinstance(new, PruneLowMagnitude) else new
+        if inner is old and old.weights:
+            shared.append(f"{old.name!r} ({type(old).__name__})")
+    if shared:
+        warnings.warn(
+            f"Layers {', '.join(shared)} cannot be rebuilt from their config "
+            "(`type(layer).from_config(layer.get_config())` failed, as it "
+            "does for an `__init__` without `**kwargs`), so the pruned "
+            "model shares them with the input model, as tfmot shares every "
+            "layer: training the pruned model also changes them, and prunes "
+            "them, in the input model. To keep the input model as it is, "
+            "give those classes a `get_config` returning their `__init__` "
+            "arguments and accept `**kwargs`, or evaluate the input model "
+            "before pruning.",
+            stacklevel=4,
+        )
 
 
 def _replace_everywhere(parent, old, new):
@@ -680,7 +703,8 @@ def prune_low_magnitude(
       whose config cannot rebuild it (an `__init__` without `**kwargs`) is
       not copied but reused, as tfmot reuses every layer: the two models
       then share it and its weights, and if it is pruned, the input
-      model's layer is pruned too (until `strip_pruning`). The clone keeps
+      model's layer is pruned too (until `strip_pruning`); a warning
+      names such layers. The clone keeps
       the model's class and attributes (a keras-hub `GPT2CausalLM` keeps
       `generate`, and `backbone.transformer_layers` are the pruned
       layers); saved, it loads as a functional model with that class's
