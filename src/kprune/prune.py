@@ -570,7 +570,7 @@ def _warn_shared(pairs):
             "give those classes a `get_config` returning their `__init__` "
             "arguments and accept `**kwargs`, or evaluate the input model "
             "before pruning.",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -640,9 +640,7 @@ def _prune_subclassed(model, selection):
             new.build(build.get("input_shape"))
         _replace_everywhere(model, old, new)
     # A training step traced before pruning would not prune.
-    for name in ("train_function", "test_function", "predict_function"):
-        if getattr(model, name, None) is not None:
-            setattr(model, name, None)
+    _forget_traced_steps(model)
     return model
 
 
@@ -956,10 +954,16 @@ def _strip_subclassed(model):
     for old, new in plan:
         _replace_everywhere(model, old, _unwrap(old) if new is None else new)
     # Training steps traced with the wrappers would still call them.
+    _forget_traced_steps(model)
+    return model
+
+
+def _forget_traced_steps(model):
+    """Drops the training, test and predict steps `model` has traced, so
+    the next call traces its new layers."""
     for name in ("train_function", "test_function", "predict_function"):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)
-    return model
 
 
 _CUSTOM_OBJECTS = {
