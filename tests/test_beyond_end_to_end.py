@@ -10,7 +10,6 @@ import pytest
 from test_end_to_end import digits
 
 import kprune
-import testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPILE = {
@@ -35,7 +34,6 @@ def digits_cnn():
 
 
 @pytest.mark.slow
-@testing.skip_groups_on_jax
 def test_structured_digits_classifier_shrinks_and_keeps_its_accuracy():
     keras.utils.set_random_seed(0)
     (x_train, y_train), (x_test, y_test) = digits()
@@ -74,7 +72,6 @@ def test_structured_digits_classifier_shrinks_and_keeps_its_accuracy():
 
 
 @pytest.mark.slow
-@testing.skip_groups_on_jax
 def test_global_beats_uniform_where_layers_differ_in_size():
     (x_train, y_train), (x_test, y_test) = digits()
     keras.utils.set_random_seed(0)

@@ -166,7 +166,9 @@ def test_training_reaches_a_wrapped_layer_whose_call_does_not_take_it():
         atol=1e-6,
     )
     # The Dropout inside reads `training` from the call context.
-    wrapped._step_driven = True
+    driver = kprune.UpdatePruningStep()
+    driver.set_model(wrapped)
+    driver.on_train_begin()
     trained, _ = wrapped(x, cache=x, training=True)
     dropped = np.mean(keras.ops.convert_to_numpy(trained) == 0)
     assert 0.2 < dropped < 0.8

@@ -37,7 +37,6 @@ def train(model, x, y, epochs=2):
     return model
 
 
-@testing.skip_groups_on_jax
 def test_structured_pruning_masks_whole_units_and_what_reads_them():
     keras.utils.set_random_seed(0)
     x, y = testing.classification_data(n=16, shape=(8, 8, 2))
@@ -67,7 +66,6 @@ def test_structured_pruning_masks_whole_units_and_what_reads_them():
     assert masks["out"].any(axis=1).sum() == 5
 
 
-@testing.skip_groups_on_jax
 def test_units_are_ranked_by_the_chosen_norm():
     kernel = np.zeros((4, 3), "float32")
     kernel[:, 0] = [3.0, 0, 0, 0]  # L1 3, L2 3
@@ -97,7 +95,6 @@ def test_units_are_ranked_by_the_chosen_norm():
         assert np.flatnonzero(mask.any(axis=0)).tolist() == [kept], norm
 
 
-@testing.skip_groups_on_jax
 def test_shrink_model_gives_the_same_predictions_with_fewer_parameters():
     keras.utils.set_random_seed(1)
     x, y = testing.classification_data(n=16, shape=(8, 8, 2))
@@ -123,7 +120,6 @@ def test_shrink_model_gives_the_same_predictions_with_fewer_parameters():
     assert small.get_layer("d1").units == 5
 
 
-@testing.skip_groups_on_jax
 def test_shrink_model_saves_and_loads_as_a_plain_model(tmp_path):
     keras.utils.set_random_seed(2)
     x, y = testing.classification_data(n=8, shape=(8, 8, 2))
@@ -158,7 +154,6 @@ def residual_model():
     return keras.Model(inputs, e)
 
 
-@testing.skip_groups_on_jax
 def test_residual_branches_lose_the_same_units():
     keras.utils.set_random_seed(3)
     x, y = testing.classification_data(n=16, shape=(6,))
@@ -195,7 +190,6 @@ def test_residual_branches_lose_the_same_units():
     )
 
 
-@testing.skip_groups_on_jax
 def test_conv_residual_block_with_batch_norm_shrinks_consistently():
     keras.utils.set_random_seed(6)
     inputs = keras.Input((6, 6, 2))
@@ -239,7 +233,6 @@ def test_an_identity_skip_from_the_input_leaves_the_block_alone():
     assert "cannot share one mask" in reason
 
 
-@testing.skip_groups_on_jax
 def test_conv_to_global_pooling_to_dense_and_conv1d_shrink():
     keras.utils.set_random_seed(4)
     model = keras.Sequential(
@@ -281,7 +274,6 @@ def test_structured_sparsity_rejects_bad_arguments_and_models():
         )
 
 
-@testing.skip_groups_on_jax
 def test_a_layer_read_by_two_branches_shrinks_for_both():
     keras.utils.set_random_seed(5)
     inputs = keras.Input((6,))

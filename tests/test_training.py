@@ -446,10 +446,7 @@ def test_mask_update_due_inside_an_execution_chunk_happens_at_its_step(
         assert m1.sum() == reference_kept(m1.size, 0.5)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "jax", reason="JAX advances the step in call"
-)
-def test_jax_model_that_drops_training_says_to_pass_it_on():
+def test_model_that_drops_training_says_to_pass_it_on():
     class Net(keras.Model):
         def __init__(self):
             super().__init__()

@@ -28,14 +28,6 @@ def xla_compile(fn):
     pytest.skip(f"no XLA compiler on the {backend} backend")
 
 
-# Global and structured masks are computed across layers inside the
-# optimizer update, which JAX training does not allow yet (see groups.py).
-skip_groups_on_jax = pytest.mark.skipif(
-    keras.backend.backend() == "jax",
-    reason="global and structured pruning need TensorFlow or torch",
-)
-
-
 def mlp(inputs=8, hidden=16, outputs=3):
     return keras.Sequential(
         [

@@ -18,7 +18,7 @@ from keras import ops
 
 from kprune import masking
 from kprune import registry
-from kprune.groups import MaskGroup
+from kprune.engine import MaskGroup
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
@@ -90,13 +90,14 @@ class GlobalSparsity(_AcrossLayersSchedule):
         max_sparsity: float | None = None,
         group: str = "global",
     ):
-        if not isinstance(schedule, PruningSchedule) or isinstance(
-            schedule, GlobalSparsity
+        if (
+            not isinstance(schedule, PruningSchedule)
+            or schedule.mask_group_key() is not None
         ):
             raise ValueError(
                 "Argument `schedule` must be a `kprune.PruningSchedule` such "
-                "as `kprune.PolynomialDecay(...)` (not another "
-                f"GlobalSparsity). Received: schedule={schedule!r}"
+                "as `kprune.PolynomialDecay(...)`, not one that prunes "
+                f"across layers. Received: schedule={schedule!r}"
             )
         _check_cap(max_sparsity)
         if not isinstance(group, str) or not group:
@@ -114,6 +115,12 @@ class GlobalSparsity(_AcrossLayersSchedule):
             "max_sparsity": self.max_sparsity,
             "group": self.group,
         }
+
+    def mask_group_key(self):
+        return self.group
+
+    def make_mask_group(self, model, wrappers):
+        return GlobalMagnitudeGroup(wrappers)
 
     def __eq__(self, other):
         return (
@@ -150,9 +157,9 @@ class GlobalMagnitudeGroup(MaskGroup):
                 raise ValueError(
                     f"Layers of the global pruning group {first.group!r} "
                     "must share one schedule, but layer "
-                    f"{self.leader.name!r} has {first.schedule!r} and layer "
-                    f"{wrapper.name!r} has {schedule.schedule!r}. Use one "
-                    "schedule, or different `group` names."
+                    f"{self.wrappers[0].name!r} has {first.schedule!r} and "
+                    f"layer {wrapper.name!r} has {schedule.schedule!r}. Use "
+                    "one schedule, or different `group` names."
                 )
         self.floors = []
         for wrapper, index in self.entries:

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kprune import groups
+from kprune import engine
 from kprune.wrapper import collect_pruned_layers
 
 
@@ -43,11 +43,13 @@ def pruning_stats(model) -> dict:
 class UpdatePruningStep(keras.callbacks.Callback):
     """Drives the pruning schedule; required when training a pruned model.
 
-    At the start of training it readies every pruned layer. The step then
-    advances inside the compiled training step, once per optimizer update
-    (on JAX, once per training-mode call of the layer in a step): a new
-    layer's step goes from -1 (never trained) to 1 at the first batch, and
-    a loaded one continues from its saved step. At the end
+    At the start of training it connects every pruned layer to the pruning
+    engine (`kprune.engine`), which groups layers whose masks are computed
+    together. The step then advances inside the compiled training step,
+    once per training batch, in the layer's training-mode call (also when a
+    `LossScaleOptimizer` skips the update): a new layer's step goes from -1
+    (never trained) to 1 at the first batch, and a loaded one continues
+    from its saved step. At the end
     of each epoch it adds the model's current sparsity to the logs as
     `"sparsity"` (shown by the progress bar and kept in `History`).
 
@@ -55,11 +57,11 @@ class UpdatePruningStep(keras.callbacks.Callback):
     error that says to add it.
 
     In a custom training loop, call `set_model(model)` and
-    `on_train_begin()` once before the first step; the optimizer's
-    `apply`/`apply_gradients` then advances the step and updates masks.
+    `on_train_begin()` once before the first step, and call the model with
+    `training=True`: that call advances the step and updates masks, and
+    the optimizer's `apply`/`apply_gradients` zeroes the pruned weights.
     The other hooks may be called as in `tfmot` code, with its argument
-    names (`on_train_batch_begin(batch=...)`, `on_epoch_end(batch=...)`),
-    but are not needed.
+    names (`on_train_batch_begin(batch=...)`, `on_epoch_end(batch=...)`).
 
     Example:
 
@@ -74,21 +76,18 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.prunable_layers = collect_pruned_layers(self.model)
-        retrace = False
-        for layer in self.prunable_layers:
-            layer._step_driven = True
-            retrace = retrace or layer._traced_without_callback
-            layer._traced_without_callback = False
-        groups.connect_groups(self.model, self.prunable_layers)
+        retrace = engine.connect(self.model, self.prunable_layers)
         if retrace and getattr(self.model, "compiled", False):
             # The last `fit` failed while tracing its training step, which
             # TensorFlow cannot trace again: start from a new one, so that
             # `fit` with this callback works without compiling again.
             self.model.make_train_function(force=True)
 
+    def on_train_batch_begin(self, batch=None, logs=None):
+        engine.new_batch(self.prunable_layers)
+
     def on_train_end(self, logs=None):
-        for layer in self.prunable_layers:
-            layer._step_driven = False
+        engine.disconnect(self.prunable_layers)
 
     def on_epoch_end(self, epoch=None, logs=None, batch=None):
         # `batch` is the name `tfmot` gives the epoch here; its guides call

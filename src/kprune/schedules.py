@@ -143,6 +143,36 @@ class PruningSchedule(abc.ABC):
         """
         return cls(**_unnest(config))
 
+    def mask_group_key(self):
+        """Names the group of layers whose masks are computed together.
+
+        `None` (the default) prunes each layer on its own. A schedule that
+        prunes across layers (such as `kprune.GlobalSparsity`) returns a
+        hashable key: when training starts, the layers whose schedules are
+        of the same class and return equal keys form one group, built by
+        `make_mask_group`.
+
+        Returns:
+            `None`, or a hashable key.
+        """
+        return None
+
+    def make_mask_group(self, model, wrappers):
+        """Builds the mask group of `wrappers`, for `mask_group_key`.
+
+        Args:
+            model: The model being trained.
+            wrappers: The `kprune.PruneLowMagnitude` layers of the group,
+                in model order; this schedule is the first one's.
+
+        Returns:
+            A `kprune.engine.MaskGroup`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}.mask_group_key() names a group, so it "
+            "must also implement `make_mask_group(model, wrappers)`."
+        )
+
     def __eq__(self, other):
         return type(self) is type(other) and (
             self.get_config() == other.get_config()
@@ -237,11 +267,9 @@ class PruningSchedule(abc.ABC):
 class _AcrossLayersSchedule(PruningSchedule):
     """Base of schedules that follow an inner schedule's steps and targets
     but compute masks across layers (`kprune.GlobalSparsity`,
-    `kprune.StructuredSparsity`). Subclasses set `self.schedule` and list
-    their other arguments in `get_config`."""
-
-    # Read by the wrapper: such a layer needs its mask group.
-    needs_group = True
+    `kprune.StructuredSparsity`). Subclasses set `self.schedule`, list
+    their other arguments in `get_config`, and implement `mask_group_key`
+    and `make_mask_group`."""
 
     def __call__(self, step):
         return self.schedule(step)

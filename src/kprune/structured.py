@@ -28,7 +28,7 @@ from keras import layers as L
 from keras import ops
 
 from kprune import masking
-from kprune.groups import MaskGroup
+from kprune.engine import MaskGroup
 from kprune.schedules import PruningSchedule
 from kprune.schedules import _AcrossLayersSchedule
 from kprune.wrapper import PruneLowMagnitude
@@ -111,8 +111,9 @@ class StructuredSparsity(_AcrossLayersSchedule):
     """
 
     def __init__(self, schedule: PruningSchedule, norm: str = "l2"):
-        if not isinstance(schedule, PruningSchedule) or getattr(
-            schedule, "needs_group", False
+        if (
+            not isinstance(schedule, PruningSchedule)
+            or schedule.mask_group_key() is not None
         ):
             raise ValueError(
                 "Argument `schedule` must be a `kprune.PruningSchedule` such "
@@ -131,6 +132,14 @@ class StructuredSparsity(_AcrossLayersSchedule):
             "schedule": keras.saving.serialize_keras_object(self.schedule),
             "norm": self.norm,
         }
+
+    def mask_group_key(self):
+        # All the structured layers of a model form one group: a removed
+        # unit also removes the weights that read it in the next layer.
+        return "structured"
+
+    def make_mask_group(self, model, wrappers):
+        return StructuredGroup(model, wrappers)
 
     def __eq__(self, other):
         return (
@@ -456,14 +465,14 @@ class StructuredGroup(MaskGroup):
 
     def __init__(self, model, wrappers):
         super().__init__(wrappers)
-        first = self.leader.pruning_schedule
+        first = self.wrappers[0].pruning_schedule
         for wrapper in self.wrappers:
             if wrapper.pruning_schedule != first:
                 raise ValueError(
                     "Layers pruned with StructuredSparsity must share one "
-                    f"schedule, but layer {self.leader.name!r} has {first!r} "
-                    f"and layer {wrapper.name!r} has "
-                    f"{wrapper.pruning_schedule!r}."
+                    "schedule, but layer "
+                    f"{self.wrappers[0].name!r} has {first!r} and layer "
+                    f"{wrapper.name!r} has {wrapper.pruning_schedule!r}."
                 )
         self.norm = first.norm
         names = {w.layer.name for w in self.wrappers}

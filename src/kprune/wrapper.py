@@ -1,21 +1,11 @@
 """`PruneLowMagnitude`: the layer wrapper that holds masks and prunes.
 
-How pruning runs inside training: each pruned weight gets a constraint,
-which Keras optimizers apply right after every update. The constraint
-advances the layer's step, recomputes the mask when the schedule says so,
-and sets the weights outside the mask to zero. So masks change inside the
-compiled training step (no host round trip), and pruned weights are exactly
-zero after every optimizer update, which is when callbacks and checkpoints
-see them. The forward pass is the wrapped layer's own, with no extra work.
-
-On JAX the optimizer update is a pure function of the trainable and
-optimizer variables (`optimizer.stateless_apply`): state assigned there is
-dropped, and other variables read there are constants of the compiled step.
-So on JAX the layer's training-mode call advances the step and recomputes
-masks (from the weights as the step starts; non-trainable state changed in
-a call is what JAX training threads through), and the constraint zeros the
-updated weights with those masks, which the call handed it within the same
-trace.
+For each pruned weight the wrapper holds a boolean mask and the last
+threshold, plus one `pruning_step` counter, and gives the weight a
+constraint. How masks follow the schedule in training is the engine's
+(`kprune.engine`): the wrapper's training-mode call hands over to it, and
+the constraint applies the step's mask right after each optimizer update.
+The forward pass is the wrapped layer's own, with no extra work.
 """
 
 import inspect
@@ -24,60 +14,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from kprune import masking
+from kprune import engine
 from kprune import registry
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PruningSchedule
 from kprune.schedules import integral_value
 
-# Where the step advances: in the layer's training call (JAX), or in the
-# constraint, right after the optimizer update (TensorFlow, torch).
-STEP_IN_CALL = keras.backend.backend() == "jax"
-
 # tfmot's default; schedules are immutable, so one instance is shared.
 DEFAULT_SCHEDULE = ConstantSparsity(0.5, 0)
-
-_MISSING_CALLBACK = (
-    "Pruned layer {name!r} is being trained without the "
-    "`kprune.UpdatePruningStep` callback, which drives the pruning "
-    "schedule. "
-)
-_CUSTOM_LOOP_ADVICE = (
-    " In a custom training loop, create the callback and call "
-    "`callback.set_model(model)` and `callback.on_train_begin()` once "
-    "before the first step."
-)
-if STEP_IN_CALL:
-    # Keras's JAX `fit` takes the values out of the model's variables
-    # before the first step is traced, and puts them back only after a
-    # step has run: after this error, they are gone.
-    MISSING_CALLBACK_MESSAGE = (
-        _MISSING_CALLBACK
-        + "On the JAX backend, `fit` had already detached the model's "
-        "weights for the compiled step and cannot reattach them after this "
-        "error, so this model object can no longer be used, compiled again "
-        "or not. Prune the original model again (`prune_low_magnitude` left "
-        "it unchanged) or load the saved pruned model again, then fit it "
-        "with the callback: "
-        "`model.fit(..., callbacks=[kprune.UpdatePruningStep()])`."
-        + _CUSTOM_LOOP_ADVICE
-    )
-else:
-    MISSING_CALLBACK_MESSAGE = (
-        _MISSING_CALLBACK
-        + "No weight was changed: call `fit` again with the callback, "
-        "`model.fit(..., callbacks=[kprune.UpdatePruningStep()])` (no need "
-        "to compile again)." + _CUSTOM_LOOP_ADVICE
-    )
-
-NOT_TRAINING_MESSAGE = (
-    "Pruned layer {name!r} was updated by the optimizer without having been "
-    "called with `training=True` in the same training step. On the JAX "
-    "backend the pruning step advances in the layer's training-mode call, "
-    "so every model between `fit` and the pruned layer must pass `training` "
-    "on: give a subclassed model's `call` a `training=None` argument and "
-    "call its layers with `training=training`."
-)
 
 
 def validate_pruning_args(block_size, block_pooling_type, sparsity_m_by_n):
@@ -147,108 +91,20 @@ def _symbolic(value):
     )
 
 
-def _new_mask(wrapper, weight, sparsity):
-    return masking.compute_mask(
-        weight,
-        sparsity,
-        block_size=wrapper.block_size,
-        pooling_type=wrapper.block_pooling_type,
-        m_by_n=wrapper.sparsity_m_by_n,
-        m_by_n_axis=registry.input_channel_axis(wrapper.layer),
-    )
-
-
-def _schedule(wrapper, step):
-    """`(should_prune, sparsity)` of `wrapper` at `step`. N:M masks are also
-    computed at step 1, as in `tfmot`: the pattern is in force from the
-    first update, whatever the schedule."""
-    should_prune, sparsity = wrapper.pruning_schedule(step)
-    if wrapper.sparsity_m_by_n is not None:
-        should_prune = ops.logical_or(should_prune, ops.equal(step, 1))
-    return should_prune, sparsity
-
-
-def _update_mask(wrapper, index, weight, should_prune, sparsity):
-    """Returns the mask for `weight`, recomputed when `should_prune`."""
-    _, mask_var, threshold_var = wrapper.pruning_vars[index]
-
-    # Masks are written only on pruning steps: on the others the cost is
-    # one masked select of the weight.
-    def update():
-        mask, threshold = _new_mask(wrapper, weight, sparsity)
-        mask_var.assign(mask)
-        threshold_var.assign(ops.cast(threshold, threshold_var.dtype))
-        return mask
-
-    def keep():
-        return ops.convert_to_tensor(mask_var)
-
-    return ops.cond(should_prune, update, keep)
-
-
-def _update_mask_functional(wrapper, index, weight, should_prune, sparsity):
-    """`_update_mask` for JAX, which cannot assign inside a `cond` branch."""
-    _, mask_var, threshold_var = wrapper.pruning_vars[index]
-
-    def update():
-        mask, threshold = _new_mask(wrapper, weight, sparsity)
-        return mask, ops.cast(threshold, "float32")
-
-    def keep():
-        return (
-            ops.convert_to_tensor(mask_var),
-            ops.convert_to_tensor(threshold_var),
-        )
-
-    mask, threshold = ops.cond(should_prune, update, keep)
-    mask_var.assign(mask)
-    threshold_var.assign(threshold)
-    return mask
-
-
 class _PruningConstraint:
-    """Applied by the optimizer to a pruned weight after each update."""
+    """Applied by the optimizer to a pruned weight after each update: keeps
+    the weight's own constraint, then zeroes it outside the step's mask."""
 
-    def __init__(self, wrapper, index, original, advances_step, last=True):
+    def __init__(self, wrapper, index, original):
         self.wrapper = wrapper
         self.index = index
         self.original = original
-        self.advances_step = advances_step
-        # The last constraint the optimizer applies for this layer.
-        self.last = last
 
     def __call__(self, weight):
-        wrapper = self.wrapper
-        if not wrapper._step_driven:
-            raise RuntimeError(
-                MISSING_CALLBACK_MESSAGE.format(name=wrapper.name)
-            )
+        mask = engine.current_mask(self.wrapper, self.index)
         if self.original is not None:
             weight = self.original(weight)
         weight = ops.convert_to_tensor(weight)
-        if STEP_IN_CALL:
-            mask = wrapper._current_mask(self.index, done=self.last)
-            return ops.where(mask, weight, ops.zeros((), weight.dtype))
-        if self.advances_step:
-            # -1 (never trained) also becomes 1: the first batch is step 1.
-            wrapper.pruning_step.assign(
-                ops.maximum(wrapper.pruning_step, 0) + 1
-            )
-        if wrapper._mask_group is not None:
-            # Masks that depend on other layers' weights (global magnitude,
-            # structured pruning) are computed by the group.
-            return wrapper._mask_group.constrain(self, weight)
-        if getattr(wrapper.pruning_schedule, "needs_group", False):
-            raise RuntimeError(
-                f"Pruned layer {wrapper.name!r} uses "
-                f"{type(wrapper.pruning_schedule).__name__}, whose masks are "
-                "computed across layers, but it was not connected to its "
-                "group. `kprune.UpdatePruningStep().on_train_begin()` "
-                "connects it: use the callback in `fit`, or call "
-                "`set_model(model)` and `on_train_begin()` in a custom loop."
-            )
-        should_prune, sparsity = _schedule(wrapper, wrapper.pruning_step)
-        mask = _update_mask(wrapper, self.index, weight, should_prune, sparsity)
         return ops.where(mask, weight, ops.zeros((), weight.dtype))
 
 
@@ -323,16 +179,6 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.block_pooling_type = block_pooling_type
         self.sparsity_m_by_n = sparsity_m_by_n
         self.pruning_vars = []
-        # Set by `UpdatePruningStep`; checked when training starts.
-        self._step_driven = False
-        # Set when a training step was traced without the callback; read
-        # by `UpdatePruningStep`, which then has that trace discarded.
-        self._traced_without_callback = False
-        # Set by `UpdatePruningStep` for layers whose masks are computed
-        # together with other layers' (see `kprune.groups`).
-        self._mask_group = None
-        # JAX: (step, masks) of the training step being traced.
-        self._step_state = None
         # tfmot code writes `Sequential([prune_low_magnitude(Dense(2,
         # input_shape=...))])`; Sequential reads the legacy input shape from
         # its first layer, which is now the wrapper.
@@ -441,37 +287,19 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self._install_constraints()
 
     def _install_constraints(self):
-        # The optimizer visits variables in the layer's trainable order; the
-        # first pruned weight in that order advances the step, so the step
-        # moves once per update even when the layer is called several times.
-        trainable = [id(v) for v in self.layer.trainable_weights]
-        order = sorted(
-            (trainable.index(id(w)), i)
-            for i, (w, _, _) in enumerate(self.pruning_vars)
-            if id(w) in trainable
-        )
-        clock = order[0][1] if order else None
-        last = order[-1][1] if order else None
         for i, (weight, _, _) in enumerate(self.pruning_vars):
             original = weight.constraint
             if isinstance(original, _PruningConstraint):
                 original = original.original
-            weight.constraint = _PruningConstraint(
-                self, i, original, advances_step=(i == clock), last=(i == last)
-            )
+            weight.constraint = _PruningConstraint(self, i, original)
 
     def call(self, *args, **kwargs):
         # Keras has bound the arguments to the wrapped layer's signature
         # (see `_mirror_call_signature`), and added `training` and masks.
-        training = kwargs.get("training")
-        # Checked when the training step is traced, so a missing callback
-        # stops `fit` before any update (on JAX, after `fit` has detached
-        # the weights: see `MISSING_CALLBACK_MESSAGE`).
-        if training and not self._step_driven:
-            self._traced_without_callback = True
-            raise RuntimeError(MISSING_CALLBACK_MESSAGE.format(name=self.name))
-        if training and STEP_IN_CALL:
-            self._advance_step()
+        if kwargs.get("training"):
+            # Raises when no callback drives this layer, as the training
+            # step is traced: before any update.
+            engine.training_call(self)
         # A `training` the wrapped layer does not take goes to its call
         # context, where its own sublayers read it.
         return self.layer(*args, **kwargs)
@@ -529,40 +357,6 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "Nothing was loaded into this layer."
             )
         super().load_own_variables(store)
-
-    def _advance_step(self):
-        """Advances the step and updates masks, once per training step."""
-        current = self.pruning_step.value
-        # A layer called twice in one step sees the step it assigned.
-        if self._step_state is not None and self._step_state[0] is current:
-            return
-        step = ops.maximum(current, 0) + 1
-        self.pruning_step.assign(step)
-        should_prune, sparsity = _schedule(self, step)
-        masks = [
-            # The mask math has no gradient, so its results belong to the
-            # enclosing compiled step, where the constraint uses them.
-            _update_mask_functional(
-                self,
-                i,
-                ops.stop_gradient(ops.convert_to_tensor(weight)),
-                should_prune,
-                sparsity,
-            )
-            for i, (weight, _, _) in enumerate(self.pruning_vars)
-        ]
-        self._step_state = (self.pruning_step.value, masks)
-
-    def _current_mask(self, index, done):
-        """The mask this training step's call computed (JAX)."""
-        state = self._step_state
-        if done:
-            # The next call starts a new step, even if it sees the same
-            # step value (eager training passes values through unchanged).
-            self._step_state = None
-        if state is None:
-            raise RuntimeError(NOT_TRAINING_MESSAGE.format(name=self.name))
-        return state[1][index]
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
