@@ -5,7 +5,7 @@ Device layouts (logical CPUs, host platform devices) must be set before the
 framework starts, so `tests/test_distributed.py` runs this file in a fresh
 interpreter:
 
-    python tests/distributed_job.py MODE OUT.npz [DEVICES]
+    python tests/distributed_job.py MODE OUT.npz [DEVICES [ALGORITHM]]
 
 MODE is one of:
 - `tf_single`: TensorFlow, default strategy.
@@ -17,6 +17,12 @@ MODE is one of:
 - `jax_single`: JAX, one device.
 - `jax_data_parallel`: JAX `keras.distribution.DataParallel` over DEVICES
   host devices.
+- `torch_single`: torch, one device.
+
+ALGORITHM is `layer` (per-layer magnitude, the default), `global`
+(`kprune.GlobalSparsity`) or `structured` (`kprune.StructuredSparsity`).
+The model's weights and the data come from NumPy, so every backend starts
+from the same values.
 """
 
 import os
@@ -24,11 +30,12 @@ import sys
 
 MODE, OUT = sys.argv[1], sys.argv[2]
 DEVICES = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+ALGORITHM = sys.argv[4] if len(sys.argv) > 4 else "layer"
 GLOBAL_BATCH = 8
 SAMPLES = 64
 EPOCHS = 2
 
-os.environ["KERAS_BACKEND"] = "jax" if MODE.startswith("jax") else "tensorflow"
+os.environ["KERAS_BACKEND"] = MODE.split("_")[0].replace("tf", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if MODE == "jax_data_parallel":
     os.environ["XLA_FLAGS"] = (
@@ -40,7 +47,14 @@ import numpy as np  # noqa: E402
 
 import kprune  # noqa: E402
 
-SCHEDULE = kprune.PolynomialDecay(0.2, 0.8, begin_step=2, end_step=12)
+_DECAY = kprune.PolynomialDecay(0.2, 0.8, begin_step=2, end_step=12)
+SCHEDULE = {
+    "layer": _DECAY,
+    "global": kprune.GlobalSparsity(_DECAY),
+    "structured": kprune.StructuredSparsity(
+        kprune.PolynomialDecay(0.2, 0.5, begin_step=2, end_step=12)
+    ),
+}[ALGORITHM]
 
 
 def data():
@@ -62,14 +76,20 @@ def build_model(model=None):
 
 
 def base_model():
-    keras.utils.set_random_seed(1)
-    return keras.Sequential(
+    model = keras.Sequential(
         [
             keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
             keras.layers.Dense(16, activation="relu"),
             keras.layers.Dense(3),
         ]
     )
+    # From NumPy: backends draw different numbers from the same seed.
+    rng = np.random.default_rng(1)
+    model.set_weights(
+        [rng.normal(scale=0.4, size=w.shape) for w in model.weights]
+    )
+    return model
 
 
 def replica_values(variable):
@@ -189,8 +209,14 @@ def run_jax():
     save(model)
 
 
+def run_torch():
+    x, y = data()
+    model = build_model()
+    fit(model, x, y, batch_size=GLOBAL_BATCH)
+    save(model)
+
+
 if __name__ == "__main__":
-    if MODE.startswith("tf"):
-        run_tensorflow()
-    else:
-        run_jax()
+    {"tf": run_tensorflow, "jax": run_jax, "torch": run_torch}[
+        MODE.split("_")[0]
+    ]()

@@ -25,9 +25,9 @@ requires_jax = pytest.mark.skipif(
 )
 
 
-def start_job(mode, out, devices=1, env=None):
+def start_job(mode, out, devices=1, env=None, algorithm="layer"):
     return subprocess.Popen(
-        [sys.executable, JOB, mode, str(out), str(devices)],
+        [sys.executable, JOB, mode, str(out), str(devices), algorithm],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -44,9 +44,9 @@ def finish(process, timeout=300):
     assert process.returncode == 0, output[-4000:]
 
 
-def run_job(tmp_path, mode, devices=1):
-    out = tmp_path / f"{mode}_{devices}.npz"
-    finish(start_job(mode, out, devices))
+def run_job(tmp_path, mode, devices=1, algorithm="layer"):
+    out = tmp_path / f"{mode}_{devices}_{algorithm}.npz"
+    finish(start_job(mode, out, devices, algorithm=algorithm))
     return dict(np.load(out))
 
 
@@ -123,7 +123,51 @@ def test_multi_worker_mirrored_strategy_with_two_workers_matches_one_device(
 
 
 @requires_jax
-def test_jax_data_parallel_masks_match_one_device(tmp_path):
-    single = run_job(tmp_path, "jax_single")
-    parallel = run_job(tmp_path, "jax_data_parallel", devices=4)
+@pytest.mark.parametrize("algorithm", ["layer", "global", "structured"])
+def test_jax_data_parallel_masks_match_one_device(tmp_path, algorithm):
+    single = run_job(tmp_path, "jax_single", algorithm=algorithm)
+    parallel = run_job(
+        tmp_path, "jax_data_parallel", devices=4, algorithm=algorithm
+    )
     assert_same_training(parallel, single, replicas=1)
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("algorithm", ["global", "structured"])
+def test_mirrored_strategy_cross_layer_masks_match_one_device(
+    tmp_path, algorithm
+):
+    single = run_job(tmp_path, "tf_single", algorithm=algorithm)
+    mirrored = run_job(tmp_path, "tf_mirrored", 2, algorithm=algorithm)
+    assert_same_training(mirrored, single, replicas=2)
+
+
+def installed(backend):
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+    try:
+        __import__(module[backend])
+    except ImportError:
+        return False
+    return True
+
+
+# Run once, in the TensorFlow suite; it starts one process per backend.
+@requires_tensorflow
+@pytest.mark.skipif(
+    not (installed("jax") and installed("torch")),
+    reason="needs TensorFlow, JAX and torch installed",
+)
+@pytest.mark.parametrize("algorithm", ["layer", "global", "structured"])
+def test_same_run_gives_the_same_masks_on_every_backend(tmp_path, algorithm):
+    jobs = {
+        mode: start_job(
+            mode, tmp_path / f"{mode}.npz", algorithm=algorithm
+        )
+        for mode in ("tf_single", "jax_single", "torch_single")
+    }
+    runs = {}
+    for mode, job in jobs.items():
+        finish(job)
+        runs[mode] = dict(np.load(tmp_path / f"{mode}.npz"))
+    for mode in ("jax_single", "torch_single"):
+        assert_same_training(runs[mode], runs["tf_single"], replicas=1)
