@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kprune.api_export import kprune_export
+
 
 def _plain(value):
     """`value` as a Python scalar when it is a NumPy scalar, a 0-d array or
@@ -87,6 +89,7 @@ def _unnest(config: dict) -> dict:
     return config
 
 
+@kprune_export("kprune")
 class PruningSchedule(abc.ABC):
     """Base class of pruning schedules.
 
@@ -255,7 +258,7 @@ class _AcrossLayersSchedule(PruningSchedule):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune")
 class ConstantSparsity(PruningSchedule):
     """Prunes to a constant sparsity every `frequency` steps.
 
@@ -315,7 +318,7 @@ class ConstantSparsity(PruningSchedule):
         }
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune")
 class PolynomialDecay(PruningSchedule):
     """Raises sparsity from `initial_sparsity` to `final_sparsity`.
 
