@@ -108,6 +108,9 @@ def test_every_public_name_is_in_the_api_reference():
     assert len(documented) == len(set(documented))
     declared = {f"{module}.{name}" for module, name, _ in public_symbols()}
     assert set(documented) == declared
+    # "Where names live" has a row per module.
+    for module in api_export.public_modules():
+        assert f"| [`{module}`](#" in api, module
     # The page is built: it is in the navigation of mkdocs.yml.
     assert re.search(
         r"^\s+- .*: api\.md$", (ROOT / "mkdocs.yml").read_text(), re.M

@@ -10,6 +10,7 @@ classes that serialize.
 """
 
 from kprune import allocation
+from kprune import api_export
 from kprune import compression
 from kprune import export
 from kprune import plots
@@ -17,7 +18,6 @@ from kprune import registry
 from kprune import report
 from kprune import sensitivity
 from kprune import structured
-from kprune.api_export import public_names
 from kprune.callbacks import PruningSummaries
 from kprune.callbacks import UpdatePruningStep
 from kprune.prunable_layer import PrunableLayer
@@ -33,7 +33,7 @@ from kprune.wrapper import PruneLowMagnitude
 
 __version__ = "0.1.0"
 
-__all__ = public_names("kprune")
+__all__ = api_export.public_names("kprune")
 
 # Before 0.2 these names were at the top level too. They stay reachable
 # here so that code written then runs unchanged, but they are not in
