@@ -1,15 +1,15 @@
 """Accuracy of uniform vs global vs ERK sparsity allocation, Fashion-MNIST.
 
-For each seed: trains a small CNN dense (2 epochs, batch 128), then from
-those weights prunes it 3 ways (uniform: tfmot's per-layer target;
-global: `kprune.GlobalSparsity`; ERK: `kprune.erk_sparsities`) to 90% and
-95% overall sparsity of the pruned kernels: `PolynomialDecay(0.5 ->
-target)` over the first pruning epoch (frequency 50), then one more epoch
-at the target. Prints one JSON line per run (test accuracy, overall and
-per-layer sparsity after `strip_pruning`) and appends it to `--out`.
+For each seed: trains a small CNN dense (2 epochs, batch 128), then from those
+weights prunes it 3 ways (uniform: tfmot's per-layer target; global:
+`kprune.allocation.GlobalSparsity`; ERK: `kprune.allocation.erk_sparsities`) to
+90% and 95% overall sparsity of the pruned kernels: `PolynomialDecay(0.5 ->
+target)` over the first pruning epoch (frequency 50), then one more epoch at the
+target. Prints one JSON line per run (test accuracy, overall and per-layer
+sparsity after `strip_pruning`) and appends it to `--out`.
 
-Run: `nice python benchmarks/allocation_accuracy.py` (about 20 minutes on
-2 cores); `benchmarks/README.md` has the table.
+Run: `nice python benchmarks/allocation_accuracy.py` (about 20 minutes on 2
+cores); `benchmarks/README.md` has the table.
 """
 
 import argparse
@@ -64,10 +64,10 @@ def pruned_model(dense, allocation, target, end_step):
     if allocation == "uniform":
         schedule = ramp
     elif allocation == "global":
-        schedule = kprune.GlobalSparsity(ramp)
+        schedule = kprune.allocation.GlobalSparsity(ramp)
     else:
-        schedule = kprune.per_layer_schedules(
-            kprune.erk_sparsities(dense, target), ramp
+        schedule = kprune.allocation.per_layer_schedules(
+            kprune.allocation.erk_sparsities(dense, target), ramp
         )
     return compile_model(kprune.prune_low_magnitude(dense, schedule))
 

@@ -205,9 +205,9 @@ else:
     record("stripped_keras", path)
     for name, quantize in [("compact", None), ("compact_int8", "int8")]:
         path = os.path.join(out, name + ".h5")
-        kprune.save_compact(stripped, path, quantize=quantize)
+        kprune.compression.save_compact(stripped, path, quantize=quantize)
         record(name, path)
-        loaded = compile_model(kprune.load_compact(path))
+        loaded = compile_model(kprune.compression.load_compact(path))
         accuracies[name] = float(loaded.evaluate(x_test, y_test, verbose=0)[1])
     for name, quantize in [
         ("litert_sparse", None),
@@ -215,7 +215,7 @@ else:
     ]:
         litert_paths[name] = os.path.join(out, name + ".tflite")
         # TFLite's sparse format, as tfmot's files above.
-        kprune.export_litert(
+        kprune.export.export_litert(
             stripped, litert_paths[name], quantize=quantize, sparse_format=True
         )
 for name, path in litert_paths.items():

@@ -1,15 +1,15 @@
 """Structured pruning on Fashion-MNIST: size and CPU latency after shrinking.
 
-Trains a CNN (Conv 32 - BatchNorm - ReLU - MaxPool - Conv 64 - ReLU -
-MaxPool - Flatten - Dense 128 - Dense 10) dense for 2 epochs, then for
-each target fraction of units removed, prunes it with
-`kprune.StructuredSparsity(PolynomialDecay(0 -> target))` for 2 epochs
-(ramp over the first) and `kprune.shrink_model`s it. Reports test
-accuracy, parameters, `.keras` file size, the largest prediction gap
+Trains a CNN (Conv 32 - BatchNorm - ReLU - MaxPool - Conv 64 - ReLU - MaxPool -
+Flatten - Dense 128 - Dense 10) dense for 2 epochs, then for each target
+fraction of units removed, prunes it with
+`kprune.structured.StructuredSparsity(PolynomialDecay(0 -> target))` for 2
+epochs (ramp over the first) and `kprune.structured.shrink_model`s it. Reports
+test accuracy, parameters, `.keras` file size, the largest prediction gap
 between the masked and the shrunk model, and the median CPU latency of one
-forward pass (a `tf.function` of the model, batch 1 and 64), dense and
-shrunk interleaved in the same loop. Prints one JSON line per model and
-writes them to `--out`.
+forward pass (a `tf.function` of the model, batch 1 and 64), dense and shrunk
+interleaved in the same loop. Prints one JSON line per model and writes them to
+`--out`.
 
 Run: `nice python benchmarks/structured_shrink.py` (TensorFlow backend).
 """
@@ -108,7 +108,7 @@ def main():
     steps = int(np.ceil(len(x_train) / BATCH))
     rows = [("dense", 0.0, dense, None)]
     for target in args.targets:
-        schedule = kprune.StructuredSparsity(
+        schedule = kprune.structured.StructuredSparsity(
             kprune.PolynomialDecay(0.0, target, 0, steps, frequency=50)
         )
         pruned = compile_model(kprune.prune_low_magnitude(dense, schedule))
@@ -120,7 +120,7 @@ def main():
             verbose=0,
             callbacks=[kprune.UpdatePruningStep()],
         )
-        small = kprune.shrink_model(pruned)
+        small = kprune.structured.shrink_model(pruned)
         gap = float(
             np.max(
                 np.abs(

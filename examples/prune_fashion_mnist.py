@@ -3,7 +3,7 @@
 Trains the tutorial's small convolutional classifier on Fashion-MNIST,
 prunes it from 50% to 80% sparsity for 2 epochs with `PolynomialDecay`
 (logging to TensorBoard), strips the pruning wrappers and reports test
-accuracy before and after, per-layer sparsity (`kprune.summary`), and the
+accuracy before and after, per-layer sparsity (`kprune.report.summary`), and the
 file sizes of every export: dense and pruned Keras weights (raw and
 zipped), kprune's compact format (float32 and int8) and LiteRT (sparse,
 and sparse with dynamic-range quantization). With matplotlib installed it
@@ -102,7 +102,7 @@ def write_exports(stripped, out):
     sizes = {}
     for key, quantize in [("compact", None), ("compact_int8", "int8")]:
         path = os.path.join(out, f"pruned_{key}.h5")
-        kprune.save_compact(stripped, path, quantize=quantize)
+        kprune.compression.save_compact(stripped, path, quantize=quantize)
         sizes[f"{key}_bytes"] = os.path.getsize(path)
     if keras.backend.backend() == "tensorflow":
         for key, quantize in [
@@ -110,7 +110,7 @@ def write_exports(stripped, out):
             ("litert_dynamic_range", "dynamic_range"),
         ]:
             path = os.path.join(out, f"pruned_{key}.tflite")
-            kprune.export_litert(stripped, path, quantize=quantize)
+            kprune.export.export_litert(stripped, path, quantize=quantize)
             sizes[f"{key}_bytes"] = os.path.getsize(path)
             sizes[f"{key}_zipped_bytes"] = zipped_size(path)
     return sizes
@@ -129,9 +129,11 @@ def write_plots(stripped, schedule, end_step, out):
         os.path.join(directory, name)
         for name in ("sparsity.png", "schedule.png", "dense_kernel_mask.png")
     ]
-    kprune.plot_sparsity(stripped, paths[0])
-    kprune.plot_schedule(schedule, end_step + end_step // 10 + 1, paths[1])
-    kprune.plot_mask(stripped.layers[-1].kernel, paths[2])
+    kprune.plots.plot_sparsity(stripped, paths[0])
+    kprune.plots.plot_schedule(
+        schedule, end_step + end_step // 10 + 1, paths[1]
+    )
+    kprune.plots.plot_mask(stripped.layers[-1].kernel, paths[2])
     return paths
 
 
@@ -238,8 +240,8 @@ def main(argv=None):
     print()
     print(f"Test accuracy, dense:  {dense_accuracy:.4f}")
     print(f"Test accuracy, pruned: {pruned_accuracy:.4f}")
-    print("Sparsity of the stripped model (kprune.summary):")
-    kprune.summary(stripped, print_fn=lambda line: print("  " + line))
+    print("Sparsity of the stripped model (kprune.report.summary):")
+    kprune.report.summary(stripped, print_fn=lambda line: print("  " + line))
     print("File sizes (bytes):")
     for label, key in SIZE_ROWS:
         if key in results:

@@ -67,7 +67,7 @@ def main(argv=None):
 
     model = compile_model(build_model())
     model.fit(x_train, y_train, epochs=2, batch_size=128, verbose=0)
-    result = kprune.sensitivity_analysis(
+    result = kprune.sensitivity.sensitivity_analysis(
         model, x_val, y_val, sparsities=(0.5, 0.75, 0.9, 0.95, 0.99)
     )
     print(result.to_markdown())
@@ -80,7 +80,7 @@ def main(argv=None):
     print(f"Suggested targets (tolerance {args.tolerance}): {targets}")
 
     steps = int(np.ceil(len(x_train) / 128))
-    schedules = kprune.per_layer_schedules(
+    schedules = kprune.allocation.per_layer_schedules(
         targets, kprune.PolynomialDecay(0.0, 0.9, 0, steps // 2, frequency=50)
     )
     pruned = compile_model(kprune.prune_low_magnitude(model, schedules))

@@ -160,9 +160,7 @@ def installed(backend):
 @pytest.mark.parametrize("algorithm", ["layer", "global", "structured"])
 def test_same_run_gives_the_same_masks_on_every_backend(tmp_path, algorithm):
     jobs = {
-        mode: start_job(
-            mode, tmp_path / f"{mode}.npz", algorithm=algorithm
-        )
+        mode: start_job(mode, tmp_path / f"{mode}.npz", algorithm=algorithm)
         for mode in ("tf_single", "jax_single", "torch_single")
     }
     runs = {}

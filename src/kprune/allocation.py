@@ -18,6 +18,7 @@ from keras import ops
 
 from kprune import masking
 from kprune import registry
+from kprune.api_export import kprune_export
 from kprune.engine import MaskGroup
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PolynomialDecay
@@ -45,7 +46,7 @@ def _check_cap(value, name="max_sparsity"):
         )
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune.allocation")
 class GlobalSparsity(_AcrossLayersSchedule):
     """Prunes a group of layers together, by one magnitude threshold.
 
@@ -77,7 +78,7 @@ class GlobalSparsity(_AcrossLayersSchedule):
     ```python
     pruned = kprune.prune_low_magnitude(
         model,
-        pruning_schedule=kprune.GlobalSparsity(
+        pruning_schedule=kprune.allocation.GlobalSparsity(
             kprune.PolynomialDecay(0.5, 0.9, begin_step=0, end_step=1000)
         ),
     )
@@ -232,6 +233,7 @@ def _prunable_layers(model):
     return layers
 
 
+@kprune_export("kprune.allocation")
 def prunable_layer_names(model) -> list:
     """Names of the layers of `model` that `prune_low_magnitude` prunes.
 
@@ -247,8 +249,8 @@ def prunable_layer_names(model) -> list:
     Example:
 
     ```python
-    names = kprune.prunable_layer_names(model)
-    schedule = kprune.GlobalSparsity(kprune.ConstantSparsity(0.9, 0))
+    names = kprune.allocation.prunable_layer_names(model)
+    schedule = kprune.allocation.GlobalSparsity(kprune.ConstantSparsity(0.9, 0))
     pruned = kprune.prune_low_magnitude(
         model, {name: schedule for name in names[1:-1]}
     )
@@ -273,6 +275,7 @@ def _caps(max_sparsity, names):
     return dict.fromkeys(names, max_sparsity)
 
 
+@kprune_export("kprune.allocation")
 def erk_sparsities(
     model,
     target_sparsity: float,
@@ -314,11 +317,13 @@ def erk_sparsities(
     Example:
 
     ```python
-    names = kprune.prunable_layer_names(model)
-    targets = kprune.erk_sparsities(model, 0.9, dense_layers=[names[0]])
+    names = kprune.allocation.prunable_layer_names(model)
+    targets = kprune.allocation.erk_sparsities(
+        model, 0.9, dense_layers=[names[0]]
+    )
     pruned = kprune.prune_low_magnitude(
         model,
-        kprune.per_layer_schedules(
+        kprune.allocation.per_layer_schedules(
             targets, kprune.PolynomialDecay(0.5, 0.9, 0, 1000)
         ),
     )
@@ -395,6 +400,7 @@ def erk_sparsities(
     return {name: float(1.0 - d) for name, d in zip(names, densities)}
 
 
+@kprune_export("kprune.allocation")
 def per_layer_schedules(sparsities: dict, schedule: PruningSchedule) -> dict:
     """One schedule per layer, shaped like `schedule`, ending at its target.
 
@@ -422,7 +428,7 @@ def per_layer_schedules(sparsities: dict, schedule: PruningSchedule) -> dict:
     Example:
 
     ```python
-    schedules = kprune.per_layer_schedules(
+    schedules = kprune.allocation.per_layer_schedules(
         {"conv": 0.5, "dense": 0.9},
         kprune.PolynomialDecay(0.2, 0.8, begin_step=0, end_step=1000),
     )

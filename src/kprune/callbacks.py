@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from kprune import engine
+from kprune.api_export import kprune_export
 from kprune.wrapper import collect_pruned_layers
 
 
@@ -40,6 +41,7 @@ def pruning_stats(model) -> dict:
     return {"weights": rows, "sparsity": zeros / total if total else 0.0}
 
 
+@kprune_export("kprune")
 class UpdatePruningStep(keras.callbacks.Callback):
     """Drives the pruning schedule; required when training a pruned model.
 
@@ -96,6 +98,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
             logs["sparsity"] = pruning_stats(self.model)["sparsity"]
 
 
+@kprune_export("kprune")
 class PruningSummaries(keras.callbacks.TensorBoard):
     """TensorBoard callback that also logs pruning progress.
 

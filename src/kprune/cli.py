@@ -5,10 +5,10 @@ Arguments are parsed (and `--help` answered) by the top-level module
 docstring for the commands.
 
 Models are read with `keras.saving.load_model` (`.keras`, or `.h5` saved
-by Keras) or, for files written by `kprune.save_compact`, with
-`kprune.load_compact`, after importing the modules given with `--import`
-and inside a `keras.saving.custom_object_scope` of the objects given with
-`--custom-objects`.
+by Keras) or, for files written by `kprune.compression.save_compact`, with
+`kprune.compression.load_compact`, after importing the modules given with
+`--import` and inside a `keras.saving.custom_object_scope` of the objects
+given with `--custom-objects`.
 """
 
 import importlib
@@ -98,8 +98,8 @@ def _load(args):
 
 
 def _summary(args):
-    from kprune.summary import sparsity_report
-    from kprune.summary import summary
+    from kprune.report import sparsity_report
+    from kprune.report import summary
 
     model = _load(args)
     if args.json:
@@ -152,7 +152,7 @@ def _export_litert(args):
 def _plot(args):
     from kprune.plots import plot_mask
     from kprune.plots import plot_sparsity
-    from kprune.summary import sparsity_report
+    from kprune.report import sparsity_report
 
     model = _load(args)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -50,6 +50,7 @@ import h5py
 import keras
 import numpy as np
 
+from kprune.api_export import kprune_export
 from kprune.wrapper import collect_pruned_layers
 
 FORMAT_NAME = "compact"
@@ -253,6 +254,7 @@ def _new_temp_file(directory):
         return path
 
 
+@kprune_export("kprune.compression")
 def save_compact(model, filepath, quantize: str | None = None) -> None:
     """Saves a model's weights in kprune's compact sparse format (HDF5).
 
@@ -260,9 +262,9 @@ def save_compact(model, filepath, quantize: str | None = None) -> None:
     compressed bitmask of their positions; the others are stored as they
     are. Pruned models (with `PruneLowMagnitude` wrappers) are stripped
     first, so the file always holds the plain architecture. The model's
-    config is stored too, so `kprune.load_compact(filepath)` can rebuild
-    it. The file is written next to `filepath` and moved into place at the
-    end, so a failed save leaves any existing file untouched.
+    config is stored too, so `kprune.compression.load_compact(filepath)` can
+    rebuild it. The file is written next to `filepath` and moved into place
+    at the end, so a failed save leaves any existing file untouched.
 
     Args:
         model: A Keras model, pruned or stripped.
@@ -282,8 +284,8 @@ def save_compact(model, filepath, quantize: str | None = None) -> None:
     Example:
 
     ```python
-    kprune.save_compact(pruned_model, "model.h5")
-    model = kprune.load_compact("model.h5")
+    kprune.compression.save_compact(pruned_model, "model.h5")
+    model = kprune.compression.load_compact("model.h5")
     ```
     """
     _check_quantize(quantize)
@@ -317,7 +319,8 @@ def save_compact(model, filepath, quantize: str | None = None) -> None:
 def _not_compact_error(filepath, detail):
     return ValueError(
         f"File {filepath!r} is not in kprune's compact format: {detail}. "
-        "Write such files with `kprune.save_compact(model, filepath)`; "
+        "Write such files with "
+        "`kprune.compression.save_compact(model, filepath)`; "
         "load Keras weight files with `model.load_weights(filepath)`."
     )
 
@@ -325,7 +328,8 @@ def _not_compact_error(filepath, detail):
 def _corrupt_error(filepath, detail):
     return ValueError(
         f"File {filepath!r} is damaged (truncated or modified after "
-        f"writing): {detail}. Write it again with `kprune.save_compact`. "
+        f"writing): {detail}. Write it again with "
+        "`kprune.compression.save_compact`. "
         "No model was changed."
     )
 
@@ -396,7 +400,7 @@ def read_compact(filepath):
     """Reads and checks a compact file without touching any model.
 
     Args:
-        filepath: Path of a file written by `kprune.save_compact`.
+        filepath: Path of a file written by `kprune.compression.save_compact`.
 
     Returns:
         `(weights, config_json, attrs)`: a list of `(path, array)` in the
@@ -485,8 +489,9 @@ def _check_architecture(model, weights, filepath):
             )
 
 
+@kprune_export("kprune.compression")
 def load_compact(filepath, model=None):
-    """Loads a file written by `kprune.save_compact`.
+    """Loads a file written by `kprune.compression.save_compact`.
 
     Everything is read, decompressed and checked (format, CRC-32 of each
     tensor, shapes against the model) before any weight is assigned, so a
@@ -510,7 +515,7 @@ def load_compact(filepath, model=None):
     Example:
 
     ```python
-    model = kprune.load_compact("model.h5")
+    model = kprune.compression.load_compact("model.h5")
     ```
     """
     filepath = os.fspath(filepath)
@@ -520,7 +525,7 @@ def load_compact(filepath, model=None):
             raise ValueError(
                 f"File {filepath!r} stores no model config (the model had "
                 "none). Pass the model to load into: "
-                "`kprune.load_compact(filepath, model)`."
+                "`kprune.compression.load_compact(filepath, model)`."
             )
         model = keras.models.model_from_json(config)
     _check_architecture(model, weights, filepath)

@@ -39,6 +39,7 @@ from keras import ops
 
 from kprune import masking
 from kprune import registry
+from kprune.api_export import kprune_export
 
 # JAX cannot write variables inside a `cond` branch (the branch is traced
 # on its own), so there the masks leave the `cond` as values and are
@@ -94,6 +95,7 @@ _RUNS = weakref.WeakKeyDictionary()
 _UNDRIVEN = weakref.WeakSet()
 
 
+@kprune_export("kprune.engine")
 class MaskGroup:
     """Pruned layers whose masks are computed together.
 
@@ -106,6 +108,21 @@ class MaskGroup:
     Args:
         wrappers: The `kprune.PruneLowMagnitude` layers of the group, in
             model order.
+
+    Example:
+
+    ```python
+    class ScaledGlobal(kprune.PruningSchedule):
+        def mask_group_key(self):
+            return "scaled"
+
+        def make_mask_group(self, model, wrappers):
+            return ScaledGroup(wrappers)
+
+    class ScaledGroup(kprune.engine.MaskGroup):
+        def compute_masks(self, weights, sparsity):
+            ...  # one mask and one threshold per weight
+    ```
 
     Attributes:
         entries: `(wrapper, index)` per pruned weight of the group, in the

@@ -4,11 +4,13 @@ import os
 
 import keras
 
+from kprune.api_export import kprune_export
 from kprune.compression import _plain_model
 
 LITERT_QUANTIZE_OPTIONS = (None, "dynamic_range")
 
 
+@kprune_export("kprune.export")
 def export_litert(
     model,
     filepath,
@@ -63,8 +65,8 @@ def export_litert(
     Example:
 
     ```python
-    kprune.export_litert(pruned_model, "model.tflite")
-    kprune.export_litert(
+    kprune.export.export_litert(pruned_model, "model.tflite")
+    kprune.export.export_litert(
         pruned_model, "model_int8.tflite", quantize="dynamic_range"
     )
     ```
@@ -87,17 +89,19 @@ def export_litert(
         )
     if "optimizations" in kwargs:
         raise ValueError(
-            "Argument `optimizations` is set by `kprune.export_litert`; use "
+            "Argument `optimizations` is set by "
+            "`kprune.export.export_litert`; use "
             "`quantize` and `sparse_format` to choose them. Received: "
             f"optimizations={kwargs['optimizations']!r}"
         )
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(
-            "`kprune.export_litert` needs the TensorFlow backend (it uses "
+            "`kprune.export.export_litert` needs the TensorFlow backend (it "
+            "uses "
             "the TensorFlow Lite converter). "
             f"Received backend: {keras.backend.backend()!r}. Set "
             "KERAS_BACKEND=tensorflow, or save the weights with "
-            "`kprune.save_compact` instead."
+            "`kprune.compression.save_compact` instead."
         )
     import tensorflow as tf
 

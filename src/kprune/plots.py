@@ -11,8 +11,9 @@ import os
 import keras
 import numpy as np
 
+from kprune.api_export import kprune_export
+from kprune.report import sparsity_report
 from kprune.schedules import PruningSchedule
-from kprune.summary import sparsity_report
 
 
 def _figure(**kwargs):
@@ -33,12 +34,13 @@ def _finish(figure, filepath):
     return figure
 
 
+@kprune_export("kprune.plots")
 def plot_sparsity(model, filepath=None):
     """Bar chart of the sparsity of each pruned weight of a model.
 
     Args:
         model: A Keras model, pruned or stripped (as for
-            `kprune.sparsity_report`).
+            `kprune.report.sparsity_report`).
         filepath: Optional path (`.png`, `.svg`, `.pdf`) to save the figure.
 
     Returns:
@@ -47,7 +49,7 @@ def plot_sparsity(model, filepath=None):
     Example:
 
     ```python
-    kprune.plot_sparsity(pruned_model, "sparsity.png")
+    kprune.plots.plot_sparsity(pruned_model, "sparsity.png")
     ```
     """
     rows = [r for r in sparsity_report(model)["weights"] if r["pruned"]]
@@ -78,6 +80,7 @@ def plot_sparsity(model, filepath=None):
     return _finish(figure, filepath)
 
 
+@kprune_export("kprune.plots")
 def plot_schedule(schedule: PruningSchedule, end_step: int, filepath=None):
     """Target sparsity of a pruning schedule over training steps.
 
@@ -99,7 +102,7 @@ def plot_schedule(schedule: PruningSchedule, end_step: int, filepath=None):
 
     ```python
     schedule = kprune.PolynomialDecay(0.5, 0.9, begin_step=0, end_step=1000)
-    kprune.plot_schedule(schedule, end_step=1200, filepath="schedule.png")
+    kprune.plots.plot_schedule(schedule, end_step=1200, filepath="schedule.png")
     ```
     """
     if not isinstance(schedule, PruningSchedule):
@@ -146,6 +149,7 @@ def plot_schedule(schedule: PruningSchedule, end_step: int, filepath=None):
     return _finish(figure, filepath)
 
 
+@kprune_export("kprune.plots")
 def plot_mask(weight, filepath=None, title=None):
     """Black-and-white image of which entries of a weight are nonzero.
 
@@ -166,7 +170,7 @@ def plot_mask(weight, filepath=None, title=None):
     Example:
 
     ```python
-    kprune.plot_mask(stripped_model.layers[-1].kernel, "mask.png")
+    kprune.plots.plot_mask(stripped_model.layers[-1].kernel, "mask.png")
     ```
     """
     values = np.asarray(keras.ops.convert_to_numpy(weight))

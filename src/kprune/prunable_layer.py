@@ -2,7 +2,10 @@
 
 import abc
 
+from kprune.api_export import kprune_export
 
+
+@kprune_export("kprune")
 class PrunableLayer(abc.ABC):
     """Mixin for custom layers that choose which of their weights to prune.
 

@@ -6,9 +6,10 @@ import warnings
 
 import keras
 
+from kprune import api_export
 from kprune import registry
+from kprune.api_export import kprune_export
 from kprune.schedules import ConstantSparsity
-from kprune.schedules import PolynomialDecay
 from kprune.schedules import PruningSchedule
 from kprune.schedules import is_real_number
 from kprune.wrapper import DEFAULT_SCHEDULE
@@ -337,15 +338,16 @@ def _warn_idle_structured(model, explicit):
         return
     listed = "; ".join(f"{name!r}: {why}" for name, why in idle.items())
     warnings.warn(
-        "`kprune.StructuredSparsity` will prune nothing in these layers "
+        "`kprune.structured.StructuredSparsity` will prune nothing in these "
+        "layers "
         f"(they keep all their units and inputs): {listed}. A unit is "
         "removed only together with the weights that read it: every layer "
         "that reads a structured layer must be pruned with the same "
         "`StructuredSparsity` too (give it to the whole model, "
-        "`pruning_schedule=kprune.StructuredSparsity(...)`, or to those "
-        "layers as well) and reach it through layers kprune can rewire "
-        "(docs/structured.md). `kprune.structured_plan(pruned)` says which "
-        "layers shrink and why the others do not.",
+        "`pruning_schedule=kprune.structured.StructuredSparsity(...)`, or to "
+        "those layers as well) and reach it through layers kprune can rewire "
+        "(docs/structured.md). `kprune.structured.structured_plan(pruned)` "
+        "says which layers shrink and why the others do not.",
         stacklevel=4,
     )
 
@@ -673,6 +675,7 @@ def _prune_model(model, params, pruning_policy, layers=None):
     return pruned
 
 
+@kprune_export("kprune")
 def prune_low_magnitude(
     to_prune,
     pruning_schedule: PruningSchedule = DEFAULT_SCHEDULE,
@@ -731,7 +734,7 @@ def prune_low_magnitude(
             For a model, it may also be a dict of layer name to schedule
             (or to a sparsity `s`, meaning `ConstantSparsity(s, 0)`): each
             named layer gets its own schedule and the layers not named stay
-            dense; see `kprune.per_layer_schedules`.
+            dense; see `kprune.allocation.per_layer_schedules`.
         block_size: `(height, width)` of blocks of a rank-2 weight pruned
             together; `(1, 1)` (default) prunes single weights.
         block_pooling_type: `"AVG"` or `"MAX"`: how a block's magnitudes
@@ -859,6 +862,7 @@ def prune_low_magnitude(
     )
 
 
+@kprune_export("kprune")
 def strip_pruning(model):
     """Returns a plain model from a pruned one, for export.
 
@@ -966,13 +970,7 @@ def _forget_traced_steps(model):
             setattr(model, name, None)
 
 
-_CUSTOM_OBJECTS = {
-    "PruneLowMagnitude": PruneLowMagnitude,
-    "ConstantSparsity": ConstantSparsity,
-    "PolynomialDecay": PolynomialDecay,
-}
-
-
+@kprune_export("kprune")
 def prune_scope():
     """Scope in which pruned models deserialize, for `tfmot` code.
 
@@ -990,4 +988,4 @@ def prune_scope():
         model = keras.saving.load_model("pruned.keras")
     ```
     """
-    return keras.saving.custom_object_scope(_CUSTOM_OBJECTS)
+    return keras.saving.custom_object_scope(api_export.custom_objects())

@@ -10,9 +10,11 @@ import collections
 
 import keras
 
+from kprune.api_export import kprune_export
 from kprune.wrapper import PruneLowMagnitude
 
 
+@kprune_export("kprune")
 class PruningPolicy(abc.ABC):
     """Decides which layers of a model `prune_low_magnitude` may prune.
 
@@ -153,6 +155,7 @@ _OPS = {"Add", "Subtract", "Multiply"} | {
 }
 
 
+@kprune_export("kprune")
 class PruneForLatencyOnXNNPack(PruningPolicy):
     """Prunes only 1x1 `Conv2D` layers, in models XNNPACK runs sparse.
 
@@ -184,7 +187,8 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
     layers stay dense. XNNPACK runs the sparse part sparse when at least
     2/3 of the 1x1 convolution weights are zero, and the file must store
     them sparse: convert the stripped model with
-    `tf.lite.Optimize.EXPERIMENTAL_SPARSITY` (`kprune.export_litert` does).
+    `tf.lite.Optimize.EXPERIMENTAL_SPARSITY` (`kprune.export.export_litert`
+    does).
 
     The model must be a built Sequential or functional model: the policy
     reads its graph. Subclassed and unbuilt models are refused.

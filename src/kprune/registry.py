@@ -20,6 +20,7 @@ A layer is, for pruning, one of:
 
 import keras
 
+from kprune.api_export import kprune_export
 from kprune.prunable_layer import PrunableLayer
 
 # Layer class -> names of the attributes holding the weights to prune
@@ -143,6 +144,7 @@ REJECTED = "rejected"
 UNKNOWN = "unknown"
 
 
+@kprune_export("kprune.registry")
 def register_prunable_layer(layer_class, weight_names) -> None:
     """Tells kprune which weights of a layer class to prune.
 
@@ -167,7 +169,7 @@ def register_prunable_layer(layer_class, weight_names) -> None:
 
     ```python
     # A layer of another package holding `self.table` and `self.scale`.
-    kprune.register_prunable_layer(their_package.Lookup, ["table"])
+    kprune.registry.register_prunable_layer(their_package.Lookup, ["table"])
     pruned = kprune.prune_low_magnitude(model)
     ```
     """
@@ -320,7 +322,8 @@ def unsupported_layer_error(layer) -> ValueError:
         "does not know which of them to prune. Make it prunable either by "
         "subclassing `kprune.PrunableLayer` and returning the weights to "
         "prune from `get_prunable_weights()`, or, for a class you cannot "
-        f"edit, with `kprune.register_prunable_layer({name}, {example!r})` "
+        "edit, with "
+        f"`kprune.registry.register_prunable_layer({name}, {example!r})` "
         "(keep the names of the weights worth pruning; `[]` keeps it "
         f"dense).{build} Or leave it out of pruning: choose the layers with "
         "the `layers=` argument of `kprune.prune_low_magnitude`, or with "
@@ -368,7 +371,8 @@ def _resolve(layer, path):
                 f"Layer {layer.name!r} of class {type(layer).__name__} has no "
                 f"weight {path!r}, which is registered as prunable for its "
                 f"class. Its own weights are {names}. Register the names of "
-                "the weights to prune with `kprune.register_prunable_layer`."
+                "the weights to prune with "
+                "`kprune.registry.register_prunable_layer`."
             )
     return value
 

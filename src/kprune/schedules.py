@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kprune.api_export import kprune_export
+
 
 def _plain(value):
     """`value` as a Python scalar when it is a NumPy scalar, a 0-d array or
@@ -87,6 +89,7 @@ def _unnest(config: dict) -> dict:
     return config
 
 
+@kprune_export("kprune")
 class PruningSchedule(abc.ABC):
     """Base class of pruning schedules.
 
@@ -147,7 +150,7 @@ class PruningSchedule(abc.ABC):
         """Names the group of layers whose masks are computed together.
 
         `None` (the default) prunes each layer on its own. A schedule that
-        prunes across layers (such as `kprune.GlobalSparsity`) returns a
+        prunes across layers (`kprune.allocation.GlobalSparsity`) returns a
         hashable key: when training starts, the layers whose schedules are
         of the same class and return equal keys form one group, built by
         `make_mask_group`.
@@ -266,10 +269,10 @@ class PruningSchedule(abc.ABC):
 
 class _AcrossLayersSchedule(PruningSchedule):
     """Base of schedules that follow an inner schedule's steps and targets
-    but compute masks across layers (`kprune.GlobalSparsity`,
-    `kprune.StructuredSparsity`). Subclasses set `self.schedule`, list
-    their other arguments in `get_config`, and implement `mask_group_key`
-    and `make_mask_group`."""
+    but compute masks across layers (`kprune.allocation.GlobalSparsity`,
+    `kprune.structured.StructuredSparsity`). Subclasses set
+    `self.schedule`, list their other arguments in `get_config`, and
+    implement `mask_group_key` and `make_mask_group`."""
 
     def __call__(self, step):
         return self.schedule(step)
@@ -283,7 +286,7 @@ class _AcrossLayersSchedule(PruningSchedule):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune")
 class ConstantSparsity(PruningSchedule):
     """Prunes to a constant sparsity every `frequency` steps.
 
@@ -343,7 +346,7 @@ class ConstantSparsity(PruningSchedule):
         }
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune")
 class PolynomialDecay(PruningSchedule):
     """Raises sparsity from `initial_sparsity` to `final_sparsity`.
 

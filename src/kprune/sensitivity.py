@@ -13,10 +13,12 @@ from keras import ops
 from kprune import masking
 from kprune import registry
 from kprune.allocation import _prunable_layers
+from kprune.api_export import kprune_export
 
 DEFAULT_SPARSITIES = (0.25, 0.5, 0.75, 0.9, 0.95)
 
 
+@kprune_export("kprune.sensitivity")
 class SensitivityResult:
     """Scores of a model with each layer pruned alone, per sparsity.
 
@@ -31,7 +33,7 @@ class SensitivityResult:
     Example:
 
     ```python
-    result = kprune.sensitivity_analysis(model, x_val, y_val)
+    result = kprune.sensitivity.sensitivity_analysis(model, x_val, y_val)
     print(result.to_markdown())
     pruned = kprune.prune_low_magnitude(
         model, result.suggest_sparsities(tolerance=0.01)
@@ -92,8 +94,8 @@ class SensitivityResult:
             A dict of layer name to sparsity, leaving out layers that no
             sparsity suits. Pass it to `kprune.prune_low_magnitude` (each
             value means `ConstantSparsity(value, 0)`) or through
-            `kprune.per_layer_schedules` for a gradual schedule. Layers
-            are tested alone: pruning them together costs more than each
+            `kprune.allocation.per_layer_schedules` for a gradual schedule.
+            Layers are tested alone: pruning them together costs more than each
             alone, so check the combined result.
         """
         if (
@@ -184,6 +186,7 @@ def _check_sparsities(sparsities):
     return sorted(set(values))
 
 
+@kprune_export("kprune.sensitivity")
 def sensitivity_analysis(
     model,
     x=None,
@@ -210,7 +213,7 @@ def sensitivity_analysis(
         y: Evaluation targets.
         sparsities: The sparsities to try, each in (0, 1).
         layers: Names of the layers to analyse; default: every prunable
-            layer (`kprune.prunable_layer_names(model)`).
+            layer (`kprune.allocation.prunable_layer_names(model)`).
         metric: Key of `model.evaluate(..., return_dict=True)` to read;
             default `"accuracy"` if compiled, else `"loss"`.
         higher_is_better: Whether a larger score is better; default: False
@@ -220,7 +223,7 @@ def sensitivity_analysis(
         batch_size: Passed to `model.evaluate`.
 
     Returns:
-        A `kprune.SensitivityResult`.
+        A `kprune.sensitivity.SensitivityResult`.
 
     Raises:
         ValueError: If an argument is invalid or a layer name is unknown.
@@ -230,7 +233,7 @@ def sensitivity_analysis(
     ```python
     model.compile(loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    result = kprune.sensitivity_analysis(model, x_val, y_val)
+    result = kprune.sensitivity.sensitivity_analysis(model, x_val, y_val)
     result.plot("sensitivity.png")
     targets = result.suggest_sparsities(tolerance=0.01)
     pruned = kprune.prune_low_magnitude(model, targets)

@@ -28,6 +28,7 @@ from keras import layers as L
 from keras import ops
 
 from kprune import masking
+from kprune.api_export import kprune_export
 from kprune.engine import MaskGroup
 from kprune.schedules import PruningSchedule
 from kprune.schedules import _AcrossLayersSchedule
@@ -77,18 +78,18 @@ _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 NORMS = ("l1", "l2")
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune.structured")
 class StructuredSparsity(_AcrossLayersSchedule):
     """Prunes whole Dense units and Conv filters, following `schedule`.
 
     At each step where `schedule` prunes, every Dense or Conv layer whose
-    units can be removed (see `kprune.structured_plan`) keeps the
+    units can be removed (see `kprune.structured.structured_plan`) keeps the
     `kept_count(units, sparsity)` units of largest kernel norm and masks
     the others, together with the weights of the following layers that
-    read them. Give it to the whole model, then call `kprune.shrink_model`
-    to get a smaller plain model. Works with `UpdatePruningStep` (which
-    connects the layers when training starts), `strip_pruning` (which
-    keeps the zeros in place) and saving.
+    read them. Give it to the whole model, then call
+    `kprune.structured.shrink_model` to get a smaller plain model. Works
+    with `UpdatePruningStep` (which connects the layers when training
+    starts), `strip_pruning` (which keeps the zeros in place) and saving.
 
     Args:
         schedule: A `kprune.PruningSchedule`: when to prune and the
@@ -101,12 +102,12 @@ class StructuredSparsity(_AcrossLayersSchedule):
     ```python
     pruned = kprune.prune_low_magnitude(
         model,
-        pruning_schedule=kprune.StructuredSparsity(
+        pruning_schedule=kprune.structured.StructuredSparsity(
             kprune.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=1000)
         ),
     )
     # ... fit with kprune.UpdatePruningStep() ...
-    small = kprune.shrink_model(pruned)
+    small = kprune.structured.shrink_model(pruned)
     ```
     """
 
@@ -421,12 +422,13 @@ def _structured_names(model):
     }
 
 
+@kprune_export("kprune.structured")
 def structured_plan(model) -> dict:
     """Which layers `StructuredSparsity` can shrink, and why not the others.
 
     Args:
         model: A Sequential or functional model pruned with
-            `kprune.StructuredSparsity`.
+            `kprune.structured.StructuredSparsity`.
 
     Returns:
         A dict of Dense/Conv layer name to `None` when its units can be
@@ -435,7 +437,7 @@ def structured_plan(model) -> dict:
     Example:
 
     ```python
-    for name, reason in kprune.structured_plan(pruned).items():
+    for name, reason in kprune.structured.structured_plan(pruned).items():
         print(name, reason or "shrinks")
     ```
     """
@@ -540,6 +542,7 @@ def _kept_units(wrapper):
     return np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
 
 
+@kprune_export("kprune.structured")
 def shrink_model(model):
     """Removes the units pruned by `StructuredSparsity`: a smaller model.
 
@@ -556,7 +559,7 @@ def shrink_model(model):
 
     Args:
         model: A Sequential or functional model pruned with
-            `kprune.StructuredSparsity`.
+            `kprune.structured.StructuredSparsity`.
 
     Returns:
         A new, smaller `keras.Model`.
@@ -568,7 +571,7 @@ def shrink_model(model):
     Example:
 
     ```python
-    small = kprune.shrink_model(pruned)
+    small = kprune.structured.shrink_model(pruned)
     small.save("small.keras")
     ```
     """
@@ -581,9 +584,9 @@ def shrink_model(model):
     names = _structured_names(model)
     if not names:
         raise ValueError(
-            "Model has no layer pruned with `kprune.StructuredSparsity`, so "
-            "there is nothing to shrink. Use `kprune.strip_pruning` for "
-            "unstructured pruning."
+            "Model has no layer pruned with "
+            "`kprune.structured.StructuredSparsity`, so there is nothing to "
+            "shrink. Use `kprune.strip_pruning` for unstructured pruning."
         )
     plan = _Plan(model, names)
     wrappers = {w.layer.name: w for w in collect_pruned_layers(model)}

@@ -16,6 +16,7 @@ from keras import ops
 
 from kprune import engine
 from kprune import registry
+from kprune.api_export import kprune_export
 from kprune.schedules import ConstantSparsity
 from kprune.schedules import PruningSchedule
 from kprune.schedules import integral_value
@@ -108,7 +109,7 @@ class _PruningConstraint:
         return ops.where(mask, weight, ops.zeros((), weight.dtype))
 
 
-@keras.saving.register_keras_serializable(package="kprune")
+@kprune_export("kprune")
 class PruneLowMagnitude(keras.layers.Wrapper):
     """Wraps a layer so that its weights are pruned by magnitude in training.
 

@@ -1,4 +1,4 @@
-"""`kprune.summary` and `kprune.sparsity_report`."""
+"""`kprune.report.summary` and `kprune.report.sparsity_report`."""
 
 import keras
 import numpy as np
@@ -26,7 +26,7 @@ def every_step(sparsity):
 def test_report_counts_the_zeros_of_every_weight():
     pruned = trained(small_cnn(), pruning_schedule=every_step(0.75))
     stripped = kprune.strip_pruning(pruned)
-    report = kprune.sparsity_report(stripped)
+    report = kprune.report.sparsity_report(stripped)
     weights = stripped.get_weights()
     assert [r["shape"] for r in report["weights"]] == [
         list(w.shape) for w in weights
@@ -54,7 +54,10 @@ def test_pruned_and_stripped_models_report_the_same_sparsity():
     pruned = trained(small_cnn(), pruning_schedule=every_step(0.75))
     keys = ("shape", "parameters", "nonzeros", "sparsity", "pruned")
     rows = [
-        [{k: r[k] for k in keys} for r in kprune.sparsity_report(m)["weights"]]
+        [
+            {k: r[k] for k in keys}
+            for r in kprune.report.sparsity_report(m)["weights"]
+        ]
         for m in (pruned, kprune.strip_pruning(pruned))
     ]
     assert rows[0] == rows[1]
@@ -65,7 +68,7 @@ def test_report_on_a_pruned_model_follows_the_masks_before_training():
     layer = pruned.layers[0]
     _, mask, _ = layer.pruning_vars[0]
     mask.assign(np.zeros(mask.shape, bool))
-    row = kprune.sparsity_report(pruned)["weights"][0]
+    row = kprune.report.sparsity_report(pruned)["weights"][0]
     assert row["nonzeros"] == 0 and row["sparsity"] == 1.0
 
 
@@ -80,12 +83,12 @@ def test_report_on_a_pruned_model_follows_the_masks_before_training():
 def test_report_names_the_pruning_pattern(kwargs, pattern):
     pruned = trained(mlp(outputs=8), pruning_schedule=every_step(0.5), **kwargs)
     for model in (pruned, kprune.strip_pruning(pruned)):
-        kernels = [r for r in kprune.sparsity_report(model)["weights"]]
+        kernels = [r for r in kprune.report.sparsity_report(model)["weights"]]
         assert [r["pattern"] for r in kernels] == [pattern, None] * 2
 
 
 def test_unpruned_model_reports_its_zero_biases_and_dense_kernels():
-    report = kprune.sparsity_report(mlp())
+    report = kprune.report.sparsity_report(mlp())
     assert report["pruned_total"]["sparsity"] == 0
     # Keras initializes biases to zero.
     assert report["total"]["parameters"] == 8 * 16 + 16 + 16 * 3 + 3
@@ -95,7 +98,7 @@ def test_unpruned_model_reports_its_zero_biases_and_dense_kernels():
 def test_summary_prints_a_row_per_weight_and_totals():
     pruned = trained(mlp(), pruning_schedule=every_step(0.5))
     lines = []
-    kprune.summary(kprune.strip_pruning(pruned), print_fn=lines.append)
+    kprune.report.summary(kprune.strip_pruning(pruned), print_fn=lines.append)
     text = "\n".join(lines)
     assert lines[0].split() == [
         "Weight",
@@ -112,20 +115,20 @@ def test_summary_prints_a_row_per_weight_and_totals():
 
 
 def test_summary_prints_with_print_by_default(capsys):
-    kprune.summary(mlp())
+    kprune.report.summary(mlp())
     assert "Total" in capsys.readouterr().out
 
 
 def test_report_rejects_non_models():
     with pytest.raises(ValueError, match="Keras model or layer"):
-        kprune.sparsity_report("model.keras")
+        kprune.report.sparsity_report("model.keras")
 
 
 def test_report_on_a_nested_model_lists_inner_weights():
     inner = mlp()
     outer = keras.Sequential([keras.Input((8,)), inner, keras.layers.Dense(3)])
     pruned = trained(outer, pruning_schedule=every_step(0.5))
-    report = kprune.sparsity_report(pruned)
+    report = kprune.report.sparsity_report(pruned)
     assert len(report["weights"]) == 6
     assert [r["pruned"] for r in report["weights"]] == [True, False] * 3
     assert report["pruned_total"]["sparsity"] == pytest.approx(0.5, abs=0.01)

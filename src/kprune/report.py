@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from kprune import registry
+from kprune.api_export import kprune_export
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import collect_pruned_layers
 
@@ -91,8 +92,9 @@ def _totals(rows):
     }
 
 
+@kprune_export("kprune.report")
 def sparsity_report(model) -> dict:
-    """The data of `kprune.summary`, as a dict for programs.
+    """The data of `kprune.report.summary`, as a dict for programs.
 
     Works on pruned models (the sparsity their masks give, which is what
     `strip_pruning` exports) and on stripped or plain ones (the zeros in
@@ -114,7 +116,7 @@ def sparsity_report(model) -> dict:
     Example:
 
     ```python
-    report = kprune.sparsity_report(model)
+    report = kprune.report.sparsity_report(model)
     print(report["pruned_total"]["sparsity"])
     ```
     """
@@ -213,6 +215,7 @@ def _format_table(report):
     return [fmt(header), rule, *map(fmt, lines), rule, *map(fmt, totals)]
 
 
+@kprune_export("kprune.report")
 def summary(model, print_fn=None) -> None:
     """Prints a per-weight sparsity table of a pruned or stripped model.
 
@@ -220,7 +223,7 @@ def summary(model, print_fn=None) -> None:
     pruning pattern (`"2:4"`, `"block 4x1"`; for stripped models the
     pattern is detected in the zeros), then totals over all weights and
     over the pruned ones. Weights that kprune does not prune (biases) are
-    marked `(dense)`. `kprune.sparsity_report` returns the same data as a
+    marked `(dense)`. `kprune.report.sparsity_report` returns the same data as a
     dict.
 
     Args:
@@ -230,7 +233,7 @@ def summary(model, print_fn=None) -> None:
     Example:
 
     ```python
-    kprune.summary(pruned_model)
+    kprune.report.summary(pruned_model)
     ```
     """
     print_fn = print_fn or print
