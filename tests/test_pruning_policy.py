@@ -606,3 +606,66 @@ def test_layers_the_policy_skips_need_not_be_prunable():
     with pytest.raises(ValueError):
         kprune.prune_low_magnitude(model)  # kprune cannot prune `Scale`
     assert wrapped_names(prune(model)) == ["pointwise"]
+
+
+def shared_around_depthwise(after):
+    """A 1x1 convolution called before and after a depthwise one, then
+    `after`."""
+    i = keras.Input((8, 8, 3))
+    shared = layers.Conv2D(8, 1, name="shared")
+    x = shared(layers.DepthwiseConv2D(3, padding="same")(shared(stem(i))))
+    return functional(i, layers.GlobalAveragePooling2D()(after(x)))
+
+
+def test_layer_called_again_later_is_checked_at_each_call():
+    model = shared_around_depthwise(layers.ReLU())
+    assert wrapped_names(prune(model)) == ["shared"]
+    model = shared_around_depthwise(layers.MaxPooling2D(2, name="maxpool"))
+    with pytest.raises(ValueError, match=MIDDLE) as info:
+        prune(model)
+    assert "'maxpool'" in str(info.value)
+
+
+def two_branch_block(pool):
+    """A functional block with two outputs; `pool` ends the second one."""
+    i = keras.Input((None, None, 8))
+    return functional(i, [layers.Conv2D(8, 1, name="a")(i), pool(i)])
+
+
+@pytest.mark.parametrize("nested_twice", [False, True])
+def test_nested_functional_model_is_checked_output_by_output(nested_twice):
+    def model_around(block):
+        i = keras.Input((8, 8, 3))
+        x = stem(i)
+        if nested_twice:
+            x = layers.Add()(block(x))
+        a, b = block(x)
+        outputs = [layers.GlobalAveragePooling2D()(t) for t in (a, b)]
+        return functional(i, outputs)
+
+    accepted = model_around(two_branch_block(layers.ReLU()))
+    assert wrapped_names(prune(accepted)) == ["a"]
+    refused = model_around(
+        two_branch_block(
+            layers.MaxPooling2D(2, 1, padding="same", name="inner_pool")
+        )
+    )
+    with pytest.raises(ValueError, match=MIDDLE) as info:
+        prune(refused)
+    assert "'inner_pool'" in str(info.value)
+
+
+def test_layer_without_a_config_is_named():
+    class Apply(keras.layers.Layer):
+        def __init__(self, fn):
+            super().__init__(name="apply")
+            self.fn = fn
+
+        def call(self, x):
+            return self.fn(x)
+
+    i = keras.Input((8, 8, 3))
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(8, 1)(stem(i)))
+    model = functional(i, Apply(lambda t: 2 * t)(x))
+    with pytest.raises(ValueError, match="'apply' \\(Apply\\) has no config"):
+        prune(model)

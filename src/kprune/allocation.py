@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kprune import _keras_internals
 from kprune import masking
 from kprune import registry
 from kprune.api_export import kprune_export
@@ -220,7 +221,7 @@ def _prunable_layers(model):
         )
     layers = [
         layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _keras_internals.flatten_layers(model)
         if registry.is_prunable(layer)
     ]
     names = [layer.name for layer in layers]

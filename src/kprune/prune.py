@@ -6,6 +6,7 @@ import warnings
 
 import keras
 
+from kprune import _keras_internals
 from kprune import api_export
 from kprune import registry
 from kprune.api_export import kprune_export
@@ -25,9 +26,9 @@ def _is_model(obj) -> bool:
 
 
 def _is_subclassed(model) -> bool:
-    return not isinstance(model, keras.Sequential) and not hasattr(
-        model, "_nodes_by_depth"
-    )
+    # A functional model, or a subclass of one (a keras-hub task), is a
+    # `keras.Function` of its inputs.
+    return not isinstance(model, (keras.Sequential, keras.Function))
 
 
 def _copy_layer(layer):
@@ -187,9 +188,8 @@ def _keep_class(model, new, cls, memo):
     own = vars(new)
     for name, value in vars(model).items():
         if name not in own:
-            # Keras locks a built model's attributes, and these layers are
-            # tracked already through the clone's graph.
-            object.__setattr__(new, name, convert(value))
+            # These layers are tracked already through the clone's graph.
+            _keras_internals.set_untracked(new, name, convert(value))
 
 
 def _wrap_layer(layer, params, alone=False):
@@ -296,7 +296,7 @@ def _graph_model_names(model):
     nothing."""
     return {model.name} | {
         layer.name
-        for layer in model._flatten_layers(include_self=False)
+        for layer in _keras_internals.flatten_layers(model)
         if _is_model(layer) and not _is_subclassed(layer)
     }
 
@@ -495,7 +495,12 @@ class _Selection:
         )
         if any(s is model for s, _ in self.entries):
             _check_not_models(model, [model.name], "layers")
-        names = {layer.name for layer in model._flatten_layers()}
+        names = {
+            layer.name
+            for layer in _keras_internals.flatten_layers(
+                model, include_self=True
+            )
+        }
         missing = [
             s for s, _ in self.entries if isinstance(s, str) and s not in names
         ]
@@ -576,39 +581,12 @@ def _warn_shared(pairs):
         )
 
 
-def _replace_everywhere(parent, old, new):
-    """Points every reference that `parent` holds to `old` at `new`."""
-
-    def swap(container):
-        if isinstance(container, list):
-            for i, value in enumerate(container):
-                if value is old:
-                    list.__setitem__(container, i, new)
-        elif isinstance(container, dict):
-            for key, value in container.items():
-                if value is old:
-                    dict.__setitem__(container, key, new)
-
-    for name, value in list(vars(parent).items()):
-        if value is old:
-            # Keras locks a built layer's attributes; `_layers` (the tracked
-            # sublayers) is updated in the same pass, so tracking stays
-            # exact.
-            object.__setattr__(parent, name, new)
-        elif isinstance(value, tuple) and any(v is old for v in value):
-            object.__setattr__(
-                parent, name, tuple(new if v is old else v for v in value)
-            )
-        else:
-            swap(value)
-
-
 def _prune_subclassed(model, selection):
     """Prunes the direct sublayers of a subclassed model, in place."""
     selection.check_names(model)
     plan = []
     # Everything is decided and checked before the model is changed.
-    for child in registry.sublayers(model):
+    for child in _keras_internals.sublayers(model):
         if isinstance(child, PruneLowMagnitude):
             continue
         if _is_model(child) and not _is_subclassed(child):
@@ -640,14 +618,14 @@ def _prune_subclassed(model, selection):
         if isinstance(new, PruneLowMagnitude) and old.built:
             build = old.get_build_config() or {}
             new.build(build.get("input_shape"))
-        _replace_everywhere(model, old, new)
+        _keras_internals.replace_sublayer(model, old, new)
     # A training step traced before pruning would not prune.
     _forget_traced_steps(model)
     return model
 
 
 def _prunable_inside(model, selection):
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internals.flatten_layers(model):
         if selection.chosen(layer) is not None and registry.is_prunable(layer):
             yield layer
 
@@ -796,7 +774,9 @@ def prune_low_magnitude(
         _check_not_models(to_prune, schedules, "pruning_schedule")
         prunable = {
             layer.name
-            for layer in to_prune._flatten_layers()
+            for layer in _keras_internals.flatten_layers(
+                to_prune, include_self=True
+            )
             if registry.status(layer) == registry.PRUNABLE
         }
         unknown = sorted(set(schedules) - prunable)
@@ -945,7 +925,7 @@ def _unwrap(wrapper):
 def _strip_subclassed(model):
     """Strips a subclassed model in place, as it was pruned."""
     plan = []
-    for child in registry.sublayers(model):
+    for child in _keras_internals.sublayers(model):
         if isinstance(child, PruneLowMagnitude):
             plan.append((child, None))
         elif (
@@ -956,7 +936,9 @@ def _strip_subclassed(model):
             plan.append((child, strip_pruning(child)))
     # Everything is copied before the model is changed.
     for old, new in plan:
-        _replace_everywhere(model, old, _unwrap(old) if new is None else new)
+        _keras_internals.replace_sublayer(
+            model, old, _unwrap(old) if new is None else new
+        )
     # Training steps traced with the wrappers would still call them.
     _forget_traced_steps(model)
     return model

@@ -76,22 +76,79 @@ class _Call:
 
 
 def _is_graph_model(op) -> bool:
-    return isinstance(op, keras.Sequential) or (
-        isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth")
-    )
+    # A functional model, or a subclass of one (a keras-hub task), is a
+    # `keras.Function` of its inputs.
+    return isinstance(op, (keras.Sequential, keras.Function))
 
 
-def _calls_in_order(model):
-    """Yields `(operation, input_tensors, output_tensors)` for each call in
-    a functional `model`, producers first.
+def _tensor_keys(structure):
+    """`(operation name, call index, output index)` for each tensor named
+    in `structure`, a part of a functional model's config."""
+    if isinstance(structure, dict):
+        if structure.get("class_name") == "__keras_tensor__":
+            return [tuple(structure["config"]["keras_history"])]
+        structure = list(structure.values())
+    if isinstance(structure, (list, tuple)):
+        return [key for part in structure for key in _tensor_keys(part)]
+    return []
 
-    Keras has no public API listing the calls of a functional model (a
-    shared layer has one per use), so this reads the graph Keras keeps in
-    `_nodes_by_depth`: deeper nodes are closer to the inputs.
+
+def _graph_of(model):
+    """`(inputs, calls, outputs)` of a functional `model`: `calls` holds
+    `(operation, inputs, call)` for each call, producers first; a tensor
+    is named by the key `(operation name, call index, output index)` and
+    `call` is `(operation name, call index)`.
+
+    Keras lists the calls of a functional model (a shared layer has one
+    per use) publicly only in its config: each layer's `inbound_nodes`
+    names the input tensors of each of its calls.
     """
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            yield node.operation, node.input_tensors, node.outputs
+    # The config of a plain functional model over the same tensors holds
+    # the graph even for a subclass (a keras-hub task), whose own
+    # `get_config` returns its constructor arguments.
+    try:
+        config = keras.Model(model.inputs, model.outputs, name=model.name)
+        config = config.get_config()
+    except NotImplementedError as error:
+        raise _no_config_error(model) from error
+    operations = {op.name: op for op in model.operations}
+    calls = []
+    for layer in config["layers"]:
+        op = operations[layer["name"]]
+        for index, node in enumerate(layer["inbound_nodes"]):
+            calls.append((op, _tensor_keys(node), (op.name, index)))
+
+    def model_tensors(refs):
+        # `[operation name, call index, output index]` each, where Keras
+        # counts the calls of a nested functional model from 1.
+        refs = keras.tree.flatten(refs)
+        keys = [tuple(refs[i : i + 3]) for i in range(0, len(refs), 3)]
+        return [
+            (name, call - isinstance(operations[name], keras.Function), index)
+            for name, call, index in keys
+        ]
+
+    inputs = model_tensors(config["input_layers"])
+    outputs = model_tensors(config["output_layers"])
+    return inputs, calls, outputs
+
+
+def _no_config_error(model):
+    culprit = model
+    for op in model.operations:
+        try:
+            op.get_config()
+        except NotImplementedError:
+            culprit = op
+            break
+    return ValueError(
+        f"`{PruneForLatencyOnXNNPack.__name__}` reads the layer graph of "
+        f"model {model.name!r} from its config, but {culprit.name!r} "
+        f"({type(culprit).__name__}) has no config: it was created with "
+        "arguments Keras cannot serialize and does not define "
+        "`get_config()`. Define `get_config()` returning its `__init__` "
+        "arguments, or prune without `pruning_policy`."
+    )
 
 
 def _flatten_graph(model, sources):
@@ -106,18 +163,36 @@ def _flatten_graph(model, sources):
             else:
                 call = _Call(layer, [call])
         return [call]
-    producer = {id(t): s for t, s in zip(model.inputs, sources)}
-    for op, inputs, outputs in _calls_in_order(model):
-        if isinstance(op, keras.layers.InputLayer):
-            continue
-        args = [producer[id(t)] for t in inputs]
-        if _is_graph_model(op):
-            results = _flatten_graph(op, args)
-        else:
-            results = [_Call(op, args)] * len(outputs)
-        for tensor, call in zip(outputs, results):
-            producer[id(tensor)] = call
-    return [producer[id(t)] for t in model.outputs]
+    inputs, calls, outputs = _graph_of(model)
+    # The `_Call` (or, for a nested model, the list of `_Call`s by output
+    # index) made by each call of an operation.
+    made = {key[:2]: [source] for key, source in zip(inputs, sources)}
+
+    def producer(key):
+        results = made[key[:2]]
+        return results[key[2]] if len(results) > 1 else results[0]
+
+    # The config lists calls by operation, so a shared layer's later call
+    # can come before the calls that feed it: those wait for another pass.
+    while calls:
+        waiting = []
+        for op, keys, call in calls:
+            if any(key[:2] not in made for key in keys):
+                waiting.append((op, keys, call))
+                continue
+            args = [producer(key) for key in keys]
+            if _is_graph_model(op):
+                made[call] = _flatten_graph(op, args)
+            else:
+                made[call] = [_Call(op, args)]
+        if len(waiting) == len(calls):
+            raise RuntimeError(
+                f"Cannot follow the graph of model {model.name!r}: the calls "
+                f"{[call for _, _, call in waiting]} read tensors no call "
+                "makes. Please report this with your Keras version."
+            )
+        calls = waiting
+    return [producer(key) for key in outputs]
 
 
 def _zero_padding_before(call, size):
@@ -244,8 +319,8 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
         names = {}
         if not isinstance(model, keras.Sequential):
             names = {
-                id(outputs[0]): op.name
-                for op, _, outputs in _calls_in_order(model)
+                id(op.output): op.name
+                for op in model.operations
                 if isinstance(op, keras.layers.InputLayer)
             }
         inputs = [

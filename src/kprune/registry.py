@@ -20,6 +20,7 @@ A layer is, for pruning, one of:
 
 import keras
 
+from kprune._keras_internals import sublayers
 from kprune.api_export import kprune_export
 from kprune.prunable_layer import PrunableLayer
 
@@ -224,11 +225,6 @@ def supports_custom(layer) -> bool:
     )
 
 
-def sublayers(layer) -> list:
-    """The direct sublayers of `layer`."""
-    return list(layer._flatten_layers(include_self=False, recursive=False))
-
-
 def _own_weights(layer) -> list:
     inner = {id(w) for sub in sublayers(layer) for w in sub.weights}
     return [w for w in layer.weights if id(w) not in inner]
@@ -342,11 +338,7 @@ def weight_attributes(layer) -> list:
     found = []
     attributes = vars(layer)
     for weight in _own_weights(layer):
-        names = [
-            n
-            for n, v in attributes.items()
-            if v is weight and n != "_trainable_variables"
-        ]
+        names = [n for n, v in attributes.items() if v is weight]
         if not names:
             found.append((weight.path, weight))
             continue

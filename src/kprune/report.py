@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from kprune import _keras_internals
 from kprune import registry
 from kprune.api_export import kprune_export
 from kprune.wrapper import PruneLowMagnitude
@@ -135,7 +136,7 @@ def sparsity_report(model) -> dict:
             skip.update((id(mask), id(threshold)))
             values = np.where(_numpy(mask), _numpy(weight), 0)
             rows[id(weight)] = _row(weight, values, True, pattern)
-    layers = model._flatten_layers(include_self=True, recursive=True)
+    layers = _keras_internals.flatten_layers(model, include_self=True)
     inner = {id(w.layer) for w in wrappers}
     for layer in layers:
         if (

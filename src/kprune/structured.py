@@ -27,6 +27,7 @@ import numpy as np
 from keras import layers as L
 from keras import ops
 
+from kprune import _keras_internals
 from kprune import masking
 from kprune.api_export import kprune_export
 from kprune.engine import MaskGroup
@@ -238,7 +239,7 @@ class _Plan:
                 inputs = None
             # `layer.input` is the first call's input even when a layer
             # is called several times; only the node count tells.
-            if inputs is None or len(getattr(layer, "_inbound_nodes", ())) > 1:
+            if inputs is None or _keras_internals.call_count(layer) > 1:
                 self.shared.add(_base(layer).name)
                 continue
             if not isinstance(inputs, (list, tuple)):

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kprune import _keras_internals
 from kprune import engine
 from kprune import registry
 from kprune.api_export import kprune_export
@@ -183,9 +184,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         # tfmot code writes `Sequential([prune_low_magnitude(Dense(2,
         # input_shape=...))])`; Sequential reads the legacy input shape from
         # its first layer, which is now the wrapper.
-        input_shape = getattr(layer, "_input_shape_arg", None)
-        if input_shape is not None and "input_shape" not in kwargs:
-            self._input_shape_arg = input_shape
+        if "input_shape" not in kwargs:
+            _keras_internals.copy_legacy_input_shape(layer, self)
         self._mirror_call_signature()
 
     def _mirror_call_signature(self):
@@ -215,19 +215,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 ),
             )
             signature = signature.replace(parameters=params)
-        # Keras's own attributes, derived from the signature in
-        # `Layer.__init__`; there is no public way to set them.
-        self._call_signature = signature
-        self.call_signature_parameters = list(signature.parameters)
-        self._call_has_training_arg = True
-        self._call_has_mask_arg = "mask" in signature.parameters
-        self._call_context_args = set(layer._call_context_args) | {"training"}
-        self._call_has_context_arg = {
-            arg: arg in signature.parameters for arg in self._call_context_args
-        }
-        self._allow_non_tensor_positional_args = (
-            layer._allow_non_tensor_positional_args
-        )
+        _keras_internals.set_call_signature(self, signature, like=layer)
         self.supports_masking = layer.supports_masking
 
     def _inner_kwargs(self, kwargs):
@@ -341,7 +329,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
     def load_own_variables(self, store):
         # The variables Keras's own `load_own_variables` assigns, in order.
-        own = self._trainable_variables + self._non_trainable_variables
+        own = _keras_internals.own_variables(self)
         found = [tuple(store[str(i)].shape) for i in range(len(store.keys()))]
         needed = [tuple(v.shape) for v in own]
         if found != needed:
@@ -418,6 +406,6 @@ def collect_pruned_layers(model) -> list:
         return [model]
     return [
         layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _keras_internals.flatten_layers(model)
         if isinstance(layer, PruneLowMagnitude)
     ]

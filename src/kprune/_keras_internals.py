@@ -1,0 +1,127 @@
+"""Every use kprune makes of Keras's private API, and why.
+
+Keras 3 has no public API for the few things below; each function says what
+it reads or writes and which Keras file defines it (Keras 3.15,
+`keras/src/...`). Everything else in kprune uses public Keras only, which
+`tests/test_keras_internals.py` checks. When Keras changes one of these,
+this module is the one to fix.
+"""
+
+
+def flatten_layers(layer, include_self=False, recursive=True) -> list:
+    """The layers `layer` tracks, each once, in Keras's order.
+
+    `Model.layers` lists only a model's direct layers, and a `Layer` that
+    holds sublayers (a keras-hub block, an attention layer) has no public
+    list at all; `Layer._flatten_layers` (layers/layer.py) walks the
+    tracked sublayers of any layer, nested ones included.
+    """
+    return list(
+        layer._flatten_layers(include_self=include_self, recursive=recursive)
+    )
+
+
+def sublayers(layer) -> list:
+    """The layers `layer` tracks directly (see `flatten_layers`)."""
+    return flatten_layers(layer, include_self=False, recursive=False)
+
+
+def call_count(layer) -> int:
+    """How many times `layer` was called on symbolic inputs.
+
+    The public `layer.input` and `layer.output` describe the first call
+    only; the calls themselves are the layer's `_inbound_nodes`
+    (ops/operation.py).
+    """
+    return len(layer._inbound_nodes)
+
+
+def copy_legacy_input_shape(source, target) -> None:
+    """Gives `target` the `input_shape=` that `source` was created with.
+
+    `Sequential` makes its input from its first layer's legacy
+    `input_shape=` argument, which `Layer.__init__` keeps only as
+    `_input_shape_arg` (layers/layer.py, models/sequential.py). Passing it
+    to `target`'s constructor instead would warn a second time about an
+    argument the user already passed.
+    """
+    shape = getattr(source, "_input_shape_arg", None)
+    if shape is not None:
+        target._input_shape_arg = shape
+
+
+def set_call_signature(layer, signature, like) -> None:
+    """Makes Keras bind `layer`'s calls to `signature`.
+
+    `Layer.__init__` (layers/layer.py) derives these attributes from the
+    signature of `layer.call`, and `Layer.__call__` binds each call's
+    arguments with them: which are tensors, which take masks, which are
+    call-context arguments such as `training`. There is no public way to
+    declare them, so a wrapper whose `call(*args, **kwargs)` forwards to
+    the layer `like` sets them from `signature` (which takes `training`),
+    and takes `like`'s context arguments and non-tensor positional
+    arguments.
+    """
+    layer._call_signature = signature
+    layer.call_signature_parameters = list(signature.parameters)
+    layer._call_has_training_arg = "training" in signature.parameters
+    layer._call_has_mask_arg = "mask" in signature.parameters
+    layer._call_context_args = set(like._call_context_args) | {"training"}
+    layer._call_has_context_arg = {
+        arg: arg in signature.parameters for arg in layer._call_context_args
+    }
+    layer._allow_non_tensor_positional_args = (
+        like._allow_non_tensor_positional_args
+    )
+
+
+def own_variables(layer) -> list:
+    """The variables `Layer.load_own_variables` assigns, in its order.
+
+    They are the layer's own variables, not those of its sublayers, which
+    the public `layer.variables` includes; `Layer.load_own_variables` and
+    `save_own_variables` (layers/layer.py) read `_trainable_variables`
+    then `_non_trainable_variables`.
+    """
+    return layer._trainable_variables + layer._non_trainable_variables
+
+
+def set_untracked(layer, name, value) -> None:
+    """Sets attribute `name` of `layer` without Keras tracking it.
+
+    `Layer.__setattr__` (layers/layer.py) tracks layers and variables set
+    as attributes, and refuses new ones once the layer is built. Use it
+    only for values Keras tracks already (through a model's graph, say).
+    """
+    object.__setattr__(layer, name, value)
+
+
+def replace_sublayer(parent, old, new) -> None:
+    """Points every reference that built layer `parent` holds to sublayer
+    `old` at `new`, Keras's list of tracked sublayers included.
+
+    Keras has no public way to swap a sublayer of a built layer: its
+    attributes are locked (see `set_untracked`), and the tracked sublayers
+    are the list `_layers` (layers/layer.py), an attribute like any other,
+    so it is updated in the same pass and tracking stays exact.
+    """
+
+    def swap(container):
+        if isinstance(container, list):
+            for i, value in enumerate(container):
+                if value is old:
+                    list.__setitem__(container, i, new)
+        elif isinstance(container, dict):
+            for key, value in container.items():
+                if value is old:
+                    dict.__setitem__(container, key, new)
+
+    for name, value in list(vars(parent).items()):
+        if value is old:
+            set_untracked(parent, name, new)
+        elif isinstance(value, tuple) and any(v is old for v in value):
+            set_untracked(
+                parent, name, tuple(new if v is old else v for v in value)
+            )
+        else:
+            swap(value)
