@@ -191,6 +191,7 @@ def functional_with_custom_and_subclassed():
     return keras.Model(inputs, inner(x))
 
 
+@pytest.mark.slow
 def test_custom_layers_and_subclassed_models_inside_functional_models():
     model = functional_with_custom_and_subclassed()
     x, y = classification_data(shape=(5, 4))
@@ -215,6 +216,7 @@ def test_custom_layers_and_subclassed_models_inside_functional_models():
     )
 
 
+@pytest.mark.slow
 def test_custom_layer_unit_round_trips_through_a_keras_file(tmp_path):
     model = functional_with_custom_and_subclassed()
     x, y = classification_data(shape=(5, 4))
