@@ -163,6 +163,7 @@ def test_failed_pruning_of_a_subclassed_model_changes_nothing():
     ]
 
 
+@pytest.mark.slow
 def test_subclassed_model_resumes_from_save_weights(tmp_path):
     x, y = classification_data(shape=(8,))
     schedule = kprune.PolynomialDecay(0.2, 0.8, 0, 24, frequency=2)
