@@ -15,10 +15,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) examples/prune_fashion_mnist.py
 
-# The backend comes from KERAS_BACKEND (tensorflow when unset).
+# The fast suite (no slow tests, a few minutes); the backend comes from
+# KERAS_BACKEND (tensorflow when unset). PYTEST_ARGS="-m slow" runs the slow
+# tests only, PYTEST_ARGS="-m ''" all of them.
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every test, slow ones included, on each backend (what CI runs).
 test-all: $(VENV)/.installed
 	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
 	KERAS_BACKEND=jax $(PY) -m pytest $(PYTEST_ARGS)

@@ -266,6 +266,7 @@ def test_erk_rejects_unreachable_caps_and_unknown_names():
         kprune.erk_sparsities(model, 1.0)
 
 
+@pytest.mark.slow
 def test_erk_targets_train_to_the_overall_sparsity():
     keras.utils.set_random_seed(5)
     model = three_layer_model()

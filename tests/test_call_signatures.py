@@ -13,6 +13,7 @@ from keras import layers
 
 import kprune
 from kprune.wrapper import collect_pruned_layers
+from testing import slow_except
 
 RNG = np.random.default_rng(0)
 TOKENS = np.array(
@@ -121,7 +122,9 @@ def test_pruned_model_computes_what_the_plain_model_computes(build):
     _assert_all_close(pruned.predict(x, verbose=0), expected)
 
 
-@pytest.mark.parametrize("build", CALL_STYLES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "build", slow_except(several_inputs, CALL_STYLES), ids=lambda f: f.__name__
+)
 def test_each_call_style_trains_to_the_target_sparsity(build):
     model, x = build()
     pruned = kprune.prune_low_magnitude(

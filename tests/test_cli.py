@@ -107,6 +107,7 @@ def test_errors_are_one_line_and_exit_1(tmp_path, capsys):
     assert not (tmp_path / "out.h5").exists()
 
 
+@pytest.mark.slow
 def test_console_script_module_runs(model_file):
     result = subprocess.run(
         [sys.executable, "-m", "kprune.cli", "summary", str(model_file)],
@@ -186,6 +187,7 @@ def write_custom_layers(tmp_path):
     return path, files
 
 
+@pytest.mark.slow
 def test_custom_layer_error_is_one_line_and_import_loads_it(tmp_path):
     module_path, files = write_custom_layers(tmp_path)
     # A fresh process: the layer's module is not imported there.

@@ -82,6 +82,7 @@ def token_data(n=16):
     return rng.integers(0, 20, size=(n, 8)), rng.integers(0, 2, size=(n,))
 
 
+@pytest.mark.slow
 def test_layers_without_kwargs_prune_train_and_strip():
     model = text_transformer()
     x, y = token_data()

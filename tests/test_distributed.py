@@ -20,6 +20,9 @@ from testing import requires_tensorflow
 
 JOB = os.path.join(os.path.dirname(__file__), "distributed_job.py")
 
+# Every test starts fresh interpreters (tens of seconds each).
+pytestmark = pytest.mark.slow
+
 requires_jax = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="needs the JAX backend"
 )
@@ -97,7 +100,6 @@ def free_port():
 
 
 @requires_tensorflow
-@pytest.mark.slow
 def test_multi_worker_mirrored_strategy_with_two_workers_matches_one_device(
     tmp_path, tf_single
 ):

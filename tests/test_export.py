@@ -70,6 +70,7 @@ def test_litert_file_predicts_like_the_keras_model(tmp_path):
 
 
 @requires_tensorflow
+@pytest.mark.slow
 def test_dynamic_range_litert_file_predicts_close_to_the_keras_model(
     tmp_path,
 ):
@@ -152,6 +153,7 @@ def zipped_size(path):
 
 
 @requires_tensorflow
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "dynamic_range"])
 def test_litert_file_zips_no_larger_than_the_tutorials_conversion(
     tmp_path, quantize

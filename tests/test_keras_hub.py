@@ -12,6 +12,7 @@ import pytest
 import kprune
 from kprune import registry
 from kprune.wrapper import collect_pruned_layers
+from testing import slow_except
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -84,7 +85,10 @@ def test_backbone_layers_are_known_without_registration(name):
     assert pruned == _worth_pruning(backbone)
 
 
-@pytest.mark.parametrize("name", sorted(set(BACKBONES) - {"LlamaBackbone"}))
+@pytest.mark.parametrize(
+    "name",
+    slow_except("BertBackbone", sorted(set(BACKBONES) - {"LlamaBackbone"})),
+)
 def test_backbone_prunes_its_embeddings_attention_and_ffn_only(name):
     backbone = getattr(keras_hub.models, name)(**BACKBONES[name])
     x = _inputs(backbone)
@@ -105,6 +109,7 @@ def test_backbone_prunes_its_embeddings_attention_and_ffn_only(name):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bert_text_classifier_prunes_and_fits_without_registration():
     backbone = keras_hub.models.BertBackbone(**TEXT)
     classifier = keras_hub.models.BertTextClassifier(

@@ -163,6 +163,7 @@ def test_failed_pruning_of_a_subclassed_model_changes_nothing():
     ]
 
 
+@pytest.mark.slow
 def test_subclassed_model_resumes_from_save_weights(tmp_path):
     x, y = classification_data(shape=(8,))
     schedule = kprune.PolynomialDecay(0.2, 0.8, 0, 24, frequency=2)
@@ -191,6 +192,7 @@ def functional_with_custom_and_subclassed():
     return keras.Model(inputs, inner(x))
 
 
+@pytest.mark.slow
 def test_custom_layers_and_subclassed_models_inside_functional_models():
     model = functional_with_custom_and_subclassed()
     x, y = classification_data(shape=(5, 4))
@@ -215,6 +217,7 @@ def test_custom_layers_and_subclassed_models_inside_functional_models():
     )
 
 
+@pytest.mark.slow
 def test_custom_layer_unit_round_trips_through_a_keras_file(tmp_path):
     model = functional_with_custom_and_subclassed()
     x, y = classification_data(shape=(5, 4))

@@ -14,6 +14,7 @@ from kprune import masking
 from testing import reference_kept
 from testing import reference_magnitude_mask
 from testing import requires_tensorflow
+from testing import slow_except
 
 
 def as_np(x):
@@ -113,7 +114,7 @@ def test_block_mask_with_tied_block_scores_keeps_lower_blocks(pooling):
 
 
 @requires_tensorflow
-@pytest.mark.parametrize("size", [1000, 70_001])
+@pytest.mark.parametrize("size", slow_except(1000, [1000, 70_001]))
 def test_tie_path_is_identical_under_xla(size):
     import tensorflow as tf
 

@@ -120,6 +120,7 @@ def test_strip_pruning_returns_plain_model_with_equal_predictions(tmp_path):
     fit_pruned(pruned, x, y, epochs=1)
 
 
+@pytest.mark.slow
 def test_stripped_model_loads_without_kprune_installed(tmp_path):
     pruned = compile_classifier(
         kprune.prune_low_magnitude(

@@ -67,6 +67,7 @@ def test_sensitivity_loss_grows_monotonically_with_sparsity():
     assert losses[2] == pytest.approx(scale * np.sum(w[~pruned] ** 2), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sensitivity_accuracy_falls_as_a_trained_layer_is_pruned():
     keras.utils.set_random_seed(0)
     x, y = testing.classification_data(n=256, shape=(8,), seed=3)

@@ -13,6 +13,7 @@ from testing import mlp
 from testing import pruned_weights
 from testing import reference_kept
 from testing import requires_tensorflow
+from testing import slow_except
 from testing import small_cnn
 from testing import steps
 
@@ -179,6 +180,7 @@ def train_seeded_mlp(schedule, n, **compile_kwargs):
     return pruned_weights(pruned), steps(pruned)
 
 
+@pytest.mark.slow
 def test_training_under_xla_matches_graph_mode_masks():
     schedule = kprune.PolynomialDecay(0.3, 0.8, 0, 12, frequency=4)
     graph, graph_steps = train_seeded_mlp(schedule, 48, jit_compile=False)
@@ -427,7 +429,7 @@ def test_m_by_n_groups_input_channels_of_transposed_convolutions():
 
 
 @multi_step_executions
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", slow_except(False, [False, True]))
 def test_mask_update_due_inside_an_execution_chunk_happens_at_its_step(
     jit_compile,
 ):

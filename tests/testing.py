@@ -28,6 +28,15 @@ def xla_compile(fn):
     pytest.skip(f"no XLA compiler on the {backend} backend")
 
 
+def slow_except(keep, values):
+    """`values` for `pytest.mark.parametrize`, all but `keep` marked slow:
+    `make test` runs one case of a sweep, `make test-all` every case."""
+    return [
+        value if value == keep else pytest.param(value, marks=pytest.mark.slow)
+        for value in values
+    ]
+
+
 def mlp(inputs=8, hidden=16, outputs=3):
     return keras.Sequential(
         [
