@@ -95,7 +95,9 @@ def base_model():
 def replica_values(variable):
     """Each replica's copy of a variable (one array off TensorFlow)."""
     value = variable.value
-    copies = getattr(value, "values", None) or (value,)
+    copies = getattr(value, "values", None)
+    if not isinstance(copies, (tuple, list)):
+        copies = (value,)
     return [keras.ops.convert_to_numpy(v) for v in copies]
 
 
