@@ -201,7 +201,8 @@ class _Step:
     def __init__(self):
         # Ids of the layers whose step this training step has advanced.
         self.advanced = set()
-        # The group's masks for this step, once computed.
+        # The group's masks for this step, once computed, by
+        # `(id(wrapper), index)`.
         self.masks = None
         # Set by the first constraint: the forward pass is over, and the
         # next training-mode call starts a new step.
@@ -351,7 +352,7 @@ def training_call(wrapper):
 
 def _update_masks(group, step):
     """Recomputes the group's masks when its schedule says so; returns the
-    masks in force for this step."""
+    masks in force for this step, by `(id(wrapper), index)`."""
     should_prune, sparsity = group.schedule(step)
     variables = [wrapper.pruning_vars[i] for wrapper, i in group.entries]
 
@@ -364,9 +365,12 @@ def _update_masks(group, step):
         masks, thresholds = group.compute_masks(weights, sparsity)
         return list(masks), [ops.cast(t, "float32") for t in thresholds]
 
+    def current_masks():
+        return [ops.convert_to_tensor(mask) for _, mask, _ in variables]
+
     def current():
         return (
-            [ops.convert_to_tensor(mask) for _, mask, _ in variables],
+            current_masks(),
             [ops.convert_to_tensor(t) for _, _, t in variables],
         )
 
@@ -387,8 +391,12 @@ def _update_masks(group, step):
     else:
         assign(*ops.cond(should_prune, compute, current))
     # Read back: where the masks were assigned in a branch, these reads
-    # come after it; on JAX they are the assigned values.
-    return current()[0]
+    # come after it; on JAX they are the assigned values. Keyed by entry,
+    # for the constraints.
+    return {
+        (id(wrapper), index): mask
+        for (wrapper, index), mask in zip(group.entries, current_masks())
+    }
 
 
 def current_mask(wrapper, index):
@@ -405,4 +413,4 @@ def current_mask(wrapper, index):
     if step is None or step.masks is None:
         raise RuntimeError(NOT_TRAINING_MESSAGE.format(name=wrapper.name))
     step.closed = True
-    return step.masks[group.entries.index((wrapper, index))]
+    return step.masks[(id(wrapper), index)]
