@@ -15,6 +15,7 @@ from testing import fit_pruned
 from testing import mlp
 from testing import pruned_weights
 from testing import reference_kept
+from testing import reference_magnitude_mask
 from testing import steps
 
 
@@ -144,3 +145,35 @@ def test_training_again_needs_the_callback_again():
     fit_pruned(pruned, x, y)
     with pytest.raises(RuntimeError, match="UpdatePruningStep"):
         pruned(x, training=True)
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_a_pruning_step_computes_its_loss_with_the_new_masks(run_eagerly):
+    # tfmot's order: the weights are masked before the pruning step's
+    # forward pass, so that step's loss and gradients see the pruned layer.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), layers.Dense(4)])
+    kernel, bias = (ops.convert_to_numpy(w) for w in model.get_weights())
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
+    pruned = kprune.prune_low_magnitude(
+        model, kprune.ConstantSparsity(0.5, 0, frequency=1)
+    )
+    # A zero learning rate: the step changes the weights only by the mask.
+    pruned.compile(
+        optimizer=keras.optimizers.SGD(0.0), loss="mse", run_eagerly=run_eagerly
+    )
+    history = pruned.fit(
+        x,
+        y,
+        batch_size=8,
+        verbose=0,
+        callbacks=[kprune.UpdatePruningStep()],
+    )
+    masked = kernel * reference_magnitude_mask(kernel, 0.5)
+    with_new_masks = np.mean((x @ masked + bias - y) ** 2)
+    with_old_weights = np.mean((x @ kernel + bias - y) ** 2)
+    assert abs(with_new_masks - with_old_weights) > 0.01
+    np.testing.assert_allclose(
+        history.history["loss"][0], with_new_masks, rtol=1e-5
+    )

@@ -125,3 +125,23 @@ def replace_sublayer(parent, old, new) -> None:
             )
         else:
             swap(value)
+
+
+def raw_value(variable):
+    """The value of `variable` in its own dtype.
+
+    Inside a mixed-precision layer's call, Keras casts every variable read
+    to the compute dtype when the variable's `_autocast` flag is set
+    (`Variable._maybe_autocast`, backend/common/variables.py); writing such
+    a read back would round the float32 weights to float16. The public API
+    has no uncast read, and the `AutocastScope` that turns the cast off is
+    not public either, so the flag is cleared for the read. (Replica
+    threads of a `MirroredStrategy` run one at a time, so no other read
+    sees it cleared.)
+    """
+    autocast = variable._autocast
+    variable._autocast = False
+    try:
+        return variable.value
+    finally:
+        variable._autocast = autocast

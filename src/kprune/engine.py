@@ -8,8 +8,9 @@ training step:
    layer called twice in one step advances once. The first such call among
    the layers of a mask group computes the masks of the whole group, from
    the weights the step starts with, on the steps the group's schedule
-   names, and writes them to the mask variables. The wrapped layer then
-   runs unchanged.
+   names, writes them to the mask variables and zeroes the weights outside
+   them, so the step's own loss and gradients already see the new masks
+   (`tfmot`'s order). The wrapped layer then runs unchanged.
 2. Optimizer update. Each pruned weight carries a constraint, which Keras
    optimizers apply right after the update: it sets the weights outside the
    step's mask to zero. Pruned weights are therefore exactly zero after
@@ -37,6 +38,7 @@ import weakref
 import keras
 from keras import ops
 
+from kprune import _keras_internals
 from kprune import masking
 from kprune import registry
 from kprune.api_export import kprune_export
@@ -358,8 +360,10 @@ def _update_masks(group, step):
 
     def compute():
         # The mask math has no gradient.
+        # Read in the weights' own dtype: a mixed-precision layer's reads
+        # are cast to float16.
         weights = [
-            ops.stop_gradient(ops.convert_to_tensor(weight))
+            ops.stop_gradient(_keras_internals.raw_value(weight))
             for weight, _, _ in variables
         ]
         masks, thresholds = group.compute_masks(weights, sparsity)
@@ -375,11 +379,15 @@ def _update_masks(group, step):
         )
 
     def assign(masks, thresholds):
-        for (_, mask_var, threshold_var), mask, threshold in zip(
+        for (weight, mask_var, threshold_var), mask, threshold in zip(
             variables, masks, thresholds
         ):
             mask_var.assign(mask)
             threshold_var.assign(threshold)
+            # tfmot's order: the pruning step's own forward pass and
+            # gradients already see the new masks.
+            value = _keras_internals.raw_value(weight)
+            weight.assign(ops.where(mask, value, ops.zeros((), value.dtype)))
 
     if _ASSIGN_IN_BRANCH:
 
@@ -389,6 +397,8 @@ def _update_masks(group, step):
 
         ops.cond(should_prune, update, lambda: ops.zeros((), "bool"))
     else:
+        # Outside a pruning step the weights are already zero outside the
+        # masks, so zeroing them again changes nothing.
         assign(*ops.cond(should_prune, compute, current))
     # Read back: where the masks were assigned in a branch, these reads
     # come after it; on JAX they are the assigned values. Keyed by entry,
