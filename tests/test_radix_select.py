@@ -89,7 +89,9 @@ def test_select_kth_largest_finds_key_rank_and_ties(total_bits):
     keys = rng.integers(0, 2**total_bits, size=3000).astype("int32")
     ordered = np.sort(keys)[::-1]
     for k in (1, 2, 1500, 2999, 3000):
-        key, rank, ties = masking._select_kth_largest(keys, k, total_bits)
+        key, rank, ties = masking._select_kth_largest(
+            keys, lambda chunk: chunk, k, total_bits
+        )
         expected = ordered[k - 1]
         assert int(key) == expected
         assert int(rank) == k - np.count_nonzero(keys > expected)
@@ -132,3 +134,22 @@ def test_tie_path_is_identical_under_xla(size):
             expected = reference_magnitude_mask(weights, sparsity)
             np.testing.assert_array_equal(as_np(mask), expected)
             assert float(threshold) == np.abs(weights)[expected].min()
+
+
+@pytest.mark.parametrize("size", [4000, 4096, 10_007])
+@pytest.mark.parametrize("kind", ["random", "tied", "equal"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.7, "1-1/n"])
+def test_chunked_reads_give_the_same_masks(monkeypatch, size, kind, sparsity):
+    # Tensors above `_CHUNK` entries are read chunk by chunk, with the
+    # last chunk shorter when the size is not a multiple; a small chunk
+    # exercises that path on small tensors.
+    monkeypatch.setattr(masking, "_CHUNK", 1000)
+    if sparsity == "1-1/n":
+        sparsity = 1 - 1 / size
+    rng = np.random.default_rng(size)
+    weights = {
+        "random": rng.normal(size=size),
+        "tied": rng.integers(-3, 4, size=size),
+        "equal": np.full(size, -0.25),
+    }[kind].astype("float32")
+    assert_matches_reference(weights, sparsity)

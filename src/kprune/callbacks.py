@@ -25,7 +25,10 @@ def pruning_stats(model) -> dict:
     rows = []
     for layer in collect_pruned_layers(model):
         for weight, mask, threshold in layer.pruning_vars:
-            kept = int(np.count_nonzero(ops.convert_to_numpy(mask)))
+            # Counted by the backend: a NumPy copy of every mask at each
+            # epoch's end would grow the process outside the backend's
+            # memory pool, which training leaves with free space.
+            kept = int(ops.convert_to_numpy(ops.sum(ops.cast(mask, "int32"))))
             size = int(np.prod(weight.shape))
             rows.append(
                 {

@@ -5,6 +5,7 @@ runs inside a compiled training step on any backend and can be tested on its
 own. A mask is `True` where a weight is kept.
 """
 
+import functools
 import math
 
 import keras
@@ -96,41 +97,205 @@ def _locate(counts, rank):
     return bucket, ops.take(at_or_above, bucket) - ops.take(counts, bucket)
 
 
-def _select_kth_largest(keys, k, total_bits):
-    """Radix select: the `k`-th largest of non-negative int32 `keys`.
+# A tensor of more entries than this is read in chunks of this many, so
+# that a mask update holds no full-size temporary besides its mask: the
+# update runs in the training step's forward pass, and full-size keys of
+# the largest weight would raise the step's peak memory above plain Keras.
+_CHUNK = 2**20
 
-    Each pass reads the keys once and histograms the next digit of those
-    that still match the prefix found so far, so the cost is a few reads of
-    the tensor whatever `k`, with no sort.
+
+def _loop(count, body, init):
+    """`ops.fori_loop(0, count, body, init)`, one iteration at a time."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # By default TensorFlow runs 10 iterations at once, each holding
+        # its own chunk's temporaries.
+        return tf.while_loop(
+            lambda i, value: i < count,
+            lambda i, value: (i + 1, body(i, value)),
+            (ops.zeros((), "int32"), init),
+            parallel_iterations=1,
+        )[1]
+    return ops.fori_loop(0, count, body, init)
+
+
+def _fold_chunks(values, fn, init):
+    """Folds `fn(accumulator, chunk, start)` over the chunks of 1-D
+    `values`, in order; `start` is the chunk's first index."""
+    size = values.shape[0]
+    full, rest = divmod(size, _CHUNK)
+    if full <= 1:
+        return fn(init, values, 0)
+
+    def body(i, accumulator):
+        start = i * _CHUNK
+        return fn(accumulator, ops.slice(values, (start,), (_CHUNK,)), start)
+
+    accumulator = _loop(full, body, init)
+    if rest:
+        accumulator = fn(accumulator, values[full * _CHUNK :], full * _CHUNK)
+    return accumulator
+
+
+def _keys(scores):
+    """Non-negative float32 scores as int32 keys that order alike."""
+    return ops.view(ops.cast(scores, "float32"), "int32")
+
+
+def _count_digits(counts, chunk, start, keys_of, shift, base, buckets):
+    """Adds to `counts` the histogram of one radix digit of a chunk's keys
+    (`_select_kth_largest`)."""
+    digits = keys_of(chunk)
+    if shift:
+        digits = ops.right_shift(digits, shift)
+    if base is not None:
+        # Keys that match the prefix get their next digit, in [0, buckets);
+        # the others differ in a higher bit, so they land at >= buckets,
+        # which the histogram leaves out.
+        digits = ops.bitwise_xor(digits, base)
+    return counts + ops.cast(_histogram(digits, buckets), "int32")
+
+
+def _select_kth_largest(values, keys_of, k, total_bits=31):
+    """Radix select: the `k`-th largest score of 1-D `values`.
+
+    Each pass reads the values once, in chunks, and histograms the next
+    digit of the keys of those that still match the prefix found so far,
+    so the cost is a few reads of the tensor whatever `k`, with no sort.
 
     Args:
-        keys: 1-D int32 tensor, values in `[0, 2**total_bits)`.
-        k: Scalar int32 tensor, `1 <= k <= len(keys)`.
-        total_bits: Python int, the key width.
+        values: 1-D float tensor.
+        keys_of: Function from a chunk of `values` to its int32 keys
+            (`_keys`).
+        k: Scalar int32 tensor, `1 <= k <= len(values)`.
+        total_bits: Python int, the key width: keys are in
+            `[0, 2**total_bits)`.
 
     Returns:
-        A tuple `(key, rank, ties)` of scalar int32 tensors: the `k`-th
-        largest key, the rank `k` asks for among the entries equal to it
-        (`k` minus the count of larger keys), and the count of entries
-        equal to it.
+        A tuple `(key, rank, ties)` of scalar int32 tensors: the key of the
+        `k`-th largest score, the rank `k` asks for among the entries with
+        that key (`k` minus the count of larger keys), and the count of
+        entries with that key.
     """
     prefix = ops.zeros((), "int32")
     rank = ops.cast(k, "int32")
     shift = total_bits
-    for index, width in enumerate(_digit_widths(total_bits, keys.shape[0])):
+    for index, width in enumerate(_digit_widths(total_bits, values.shape[0])):
         shift -= width
         buckets = 1 << width
-        digits = ops.right_shift(keys, shift) if shift else keys
-        if index:
-            # Keys that match the prefix get their next digit, in
-            # [0, buckets); the others differ in a higher bit, so they land
-            # at >= buckets, which the histogram leaves out.
-            digits = ops.bitwise_xor(digits, prefix * buckets)
-        counts = ops.cast(_histogram(digits, buckets), "int32")
+
+        counts = _fold_chunks(
+            values,
+            functools.partial(
+                _count_digits,
+                keys_of=keys_of,
+                shift=shift,
+                base=prefix * buckets if index else None,
+                buckets=buckets,
+            ),
+            ops.zeros((buckets,), "int32"),
+        )
         digit, above = _locate(counts, rank)
         rank = rank - above
         prefix = prefix * buckets + digit
     return prefix, rank, ops.take(counts, digit)
+
+
+def _last_kept_tie(values, keys_of, key, rank):
+    """The index of the `rank`-th entry (in index order) whose key is
+    `key`, found chunk by chunk."""
+
+    def find(state, chunk, start):
+        remaining, found = state
+        tied = ops.cast(ops.equal(keys_of(chunk), key), "int32")
+        seen = ops.cumsum(tied)
+        here = ops.logical_and(remaining > 0, remaining <= seen[-1])
+        position = ops.argmax(ops.cast(seen >= remaining, "int32"))
+        found = ops.where(here, start + ops.cast(position, "int32"), found)
+        return remaining - seen[-1], found
+
+    state = (ops.cast(rank, "int32"), ops.zeros((), "int32"))
+    return _fold_chunks(values, find, state)[1]
+
+
+def _prefix_mask(size, last):
+    """Boolean `[0, size)` that is True up to index `last` included.
+
+    Built as a `(rows, columns)` grid of row and column comparisons, so it
+    holds no full-size int32 positions (unless `size` is odd).
+    """
+    columns = math.gcd(size, 4096)
+    rows = ops.arange(size // columns, dtype="int32")[:, None]
+    cols = ops.arange(columns, dtype="int32")[None, :]
+    row, col = last // columns, last % columns
+    grid = ops.logical_or(rows < row, ops.logical_and(rows == row, cols <= col))
+    return ops.reshape(grid, (size,))
+
+
+def _top_k(values, score, compare, k):
+    """The mask of the `k` largest scores of 1-D `values` (see
+    `top_k_mask`).
+
+    Args:
+        values: 1-D float tensor.
+        score: Function from a chunk of `values` to its non-negative,
+            NaN-free float scores.
+        compare: Function from `values` and the threshold score to two
+            boolean tensors: the entries scored above it and equal to it.
+        k: Scalar int32 tensor, `1 <= k <= len(values)`.
+    """
+    size = values.shape[0]
+    if size <= _CHUNK:
+        # Small enough to hold: compute the keys once, and compare keys.
+        values = _keys(score(values))
+        keys_of = _same
+        compare = _compare_keys
+    else:
+
+        def keys_of(chunk):
+            return _keys(score(chunk))
+
+    key, rank, ties = _select_kth_largest(values, keys_of, k)
+    bound = key if size <= _CHUNK else ops.view(key, "float32")
+
+    def keep_all_ties():
+        above, tied = compare(values, bound)
+        return ops.logical_or(above, tied)
+
+    def keep_lowest_ties():
+        above, tied = compare(values, bound)
+        last = _last_kept_tie(values, keys_of, key, rank)
+        return ops.logical_or(
+            above, ops.logical_and(tied, _prefix_mask(size, last))
+        )
+
+    keep = ops.cond(ops.equal(rank, ties), keep_all_ties, keep_lowest_ties)
+    return keep, ops.view(key, "float32")
+
+
+def _same(values):
+    return values
+
+
+def _compare_keys(keys, key):
+    return ops.greater(keys, key), ops.equal(keys, key)
+
+
+def _compare_scores(scores, threshold):
+    return ops.greater(scores, threshold), ops.equal(scores, threshold)
+
+
+def _compare_magnitudes(weights, threshold):
+    # |w| > t is w > t or w < -t: two boolean temporaries rather than a
+    # full-size float one.
+    above = ops.logical_or(
+        ops.greater(weights, threshold), ops.less(weights, -threshold)
+    )
+    tied = ops.logical_or(
+        ops.equal(weights, threshold), ops.equal(weights, -threshold)
+    )
+    return above, tied
 
 
 def top_k_mask(scores, k):
@@ -140,8 +305,8 @@ def top_k_mask(scores, k):
     lower index is kept, so exactly `k` entries are kept whatever the ties.
     The threshold is found by a radix select on the float32 bit patterns
     (non-negative floats order like their bits as int32): a few reads of
-    the scores, no sort. Ties, when only some of them are kept, take one
-    more radix select on their positions.
+    the scores, in chunks, no sort. Ties, when only some of them are kept,
+    take one more read to find the last kept one.
 
     Args:
         scores: 1-D float tensor of non-negative, NaN-free scores, without
@@ -158,26 +323,8 @@ def top_k_mask(scores, k):
     >>> ops.convert_to_numpy(mask)
     array([ True, False,  True, False])
     """
-    size = scores.shape[0]
-    keys = ops.view(ops.cast(scores, "float32"), "int32")
-    key, rank, ties = _select_kth_largest(keys, k, 31)
-
-    def keep_all_ties():
-        return ops.greater_equal(keys, key)
-
-    def keep_lowest_ties():
-        # Tied positions keyed so that a lower index is a larger key.
-        tied = ops.equal(keys, key)
-        positions = ops.where(
-            tied, size - ops.arange(size, dtype="int32"), ops.zeros((), "int32")
-        )
-        last, _, _ = _select_kth_largest(positions, rank, size.bit_length())
-        return ops.logical_or(
-            ops.greater(keys, key), ops.greater_equal(positions, last)
-        )
-
-    keep = ops.cond(ops.equal(rank, ties), keep_all_ties, keep_lowest_ties)
-    return keep, ops.view(key, "float32")
+    scores = ops.cast(scores, "float32")
+    return _top_k(scores, lambda chunk: chunk, _compare_scores, k)
 
 
 def magnitude_mask(weights, sparsity):
@@ -185,7 +332,8 @@ def magnitude_mask(weights, sparsity):
 
     Zeroes exactly `n - kept_count(n, sparsity)` of the `n` entries: those
     of smallest absolute value, ties broken towards keeping lower flat
-    indices.
+    indices. Large tensors are read in chunks: besides the mask, the
+    update holds no full-size temporary.
 
     Args:
         weights: Float tensor of any shape.
@@ -195,8 +343,10 @@ def magnitude_mask(weights, sparsity):
         A tuple `(mask, threshold)`: boolean mask of `weights.shape` and the
         smallest kept magnitude.
     """
-    scores = ops.reshape(ops.abs(ops.cast(weights, "float32")), (-1,))
-    keep, threshold = top_k_mask(scores, kept_count(scores.shape[0], sparsity))
+    flat = ops.reshape(ops.cast(weights, "float32"), (-1,))
+    keep, threshold = _top_k(
+        flat, ops.abs, _compare_magnitudes, kept_count(flat.shape[0], sparsity)
+    )
     return ops.reshape(keep, weights.shape), threshold
 
 
