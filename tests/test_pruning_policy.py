@@ -222,10 +222,12 @@ def no_zero_padding():
     return functional(i, layers.GlobalAveragePooling2D()(x))
 
 
-def stem_with(shape=(8, 8, 3), pad=1, kernel=3, strides=2):
+def stem_with(shape=(8, 8, 3), pad=1, kernel=3, strides=2, dilation=1):
     i = keras.Input(shape)
     x = layers.ZeroPadding2D(pad)(i)
-    x = layers.Conv2D(8, kernel, strides=strides, name="first")(x)
+    x = layers.Conv2D(
+        8, kernel, strides=strides, dilation_rate=dilation, name="first"
+    )(x)
     x = layers.Conv2D(8, 1)(x)
     return functional(i, layers.GlobalAveragePooling2D()(x))
 
@@ -373,6 +375,36 @@ REFUSED = {
         lambda: middle(keras.ops.tanh),
         MIDDLE,
         ["Tanh", "not supported"],
+    ),
+    "subtraction between (XNNPACK runs only + and * sparse)": (
+        lambda: middle(lambda x: x - layers.Conv2D(8, 1)(x)),
+        MIDDLE,
+        ["Subtract", "not supported"],
+    ),
+    "ZeroPadding2D before a 1x1 convolution": (
+        lambda: middle(
+            layers.ZeroPadding2D(1, name="pad"), layers.Conv2D(8, 1)
+        ),
+        MIDDLE,
+        ["'pad' (ZeroPadding2D)", "only folded into a `DepthwiseConv2D"],
+    ),
+    "batch normalization after an Add (not folded)": (
+        lambda: middle(
+            lambda x: layers.Add()([x, layers.Conv2D(8, 1)(x)]),
+            layers.BatchNormalization(name="bn"),
+        ),
+        MIDDLE,
+        ["'bn' (BatchNormalization)", "right after a `Conv2D`"],
+    ),
+    "stem with padding='same' at stride 2 on an even input": (
+        no_zero_padding,
+        START,
+        ["'first'", "pads 0 above and 1 below", "no symmetric padding"],
+    ),
+    "stem conv dilated": (
+        lambda: stem_with(strides=1, dilation=2),
+        START,
+        ["'first'", "dilation_rate=(2, 2)"],
     ),
 }
 
@@ -574,7 +606,6 @@ def test_tensor_arithmetic_between_is_accepted():
     x = stem(i, filters=16)
     residual = layers.Conv2D(16, 1, name="pointwise")(x)
     x = x + residual
-    x = x - residual
     x = keras.ops.relu(x * residual)
     model = functional(i, layers.GlobalAveragePooling2D()(x))
     assert wrapped_names(prune(model)) == ["pointwise"]
@@ -669,3 +700,42 @@ def test_layer_without_a_config_is_named():
     model = functional(i, Apply(lambda t: 2 * t)(x))
     with pytest.raises(ValueError, match="'apply' \\(Apply\\) has no config"):
         prune(model)
+
+
+def mobilenet_v2_like(size=32):
+    """Breaks four rules: the stem and a depthwise layer use "same"
+    padding at stride 2, a max pooling sits in between and an output
+    branch has no global average pooling."""
+    i = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(i)
+    x = layers.Conv2D(16, 1, name="expand")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(x)
+    x = layers.MaxPooling2D(2, name="maxpool")(x)
+    x = layers.Conv2D(8, 1, name="project")(x)
+    head = layers.Dense(2, name="head")(layers.GlobalAveragePooling2D()(x))
+    side = layers.Flatten(name="side")(x)
+    return keras.Model(i, [head, side])
+
+
+def test_every_broken_rule_is_listed_with_its_layer():
+    with pytest.raises(ValueError) as info:
+        prune(mobilenet_v2_like())
+    message = str(info.value)
+    assert "(4 problems)" in message
+    lines = message.splitlines()[1:]
+    assert len(lines) == 4
+    (start,) = [line for line in lines if START in line]
+    assert "'stem'" in start and "pads 0 above and 1 below" in start
+    assert any("'dw'" in line and MIDDLE in line for line in lines)
+    assert any("'maxpool'" in line and MIDDLE in line for line in lines)
+    (end,) = [line for line in lines if END in line]
+    assert "'side'" in end
+
+
+def test_symmetric_same_padding_points_to_the_rewrite():
+    # On odd sizes, "same" pads a 3x3 stride-2 layer by 1 on each side.
+    with pytest.raises(ValueError) as info:
+        prune(mobilenet_v2_like(size=33))
+    message = str(info.value)
+    assert "pads 1 above and below" in message
+    assert "make_xnnpack_compatible" in message

@@ -197,12 +197,16 @@ def _flatten_graph(model, sources):
 
 def _zero_padding_before(call, size):
     """Whether `call`'s only input is a `ZeroPadding2D` of `size` on each
-    side of height and width."""
+    side of height and width that feeds only `call` (XNNPACK folds such a
+    padding into the convolution)."""
     if len(call.producers) != 1:
         return False
-    layer = call.producers[0].op
-    return isinstance(layer, keras.layers.ZeroPadding2D) and (
-        layer.padding == ((size, size), (size, size))
+    producer = call.producers[0]
+    layer = producer.op
+    return (
+        isinstance(layer, keras.layers.ZeroPadding2D)
+        and layer.padding == ((size, size), (size, size))
+        and len(producer.consumers) == 1
     )
 
 
@@ -210,18 +214,20 @@ _SUPPORTED = (
     "supported there: 1x1 `Conv2D` (strides 1, no dilation, groups 1); "
     "3x3 or 5x5 `DepthwiseConv2D` (depth_multiplier 1, no dilation) with "
     "padding='same' and strides 1, or padding='valid' and strides 1 or 2 "
-    "right after a `ZeroPadding2D` of 1 (3x3) or 2 (5x5); "
-    "`BatchNormalization` on the last axis; `ReLU`, `LeakyReLU`, `ELU`, "
-    "`Activation` relu/relu6/leaky_relu/elu/sigmoid; `Add`, `Multiply` "
-    "(layers or +, -, *); `ZeroPadding2D`; `Dropout`; `UpSampling2D` "
-    "bilinear; `GlobalAveragePooling2D(keepdims=True)`"
+    "right after a `ZeroPadding2D` of 1 (3x3) or 2 (5x5) that feeds only "
+    "it; `BatchNormalization` on the last axis right after a convolution; "
+    "`ReLU`, `LeakyReLU`, `ELU`, `Activation` relu/relu6/leaky_relu/elu/"
+    "sigmoid; `Add`, `Multiply` (layers or +, * on two 4-D tensors); "
+    "`Dropout`; `UpSampling2D` bilinear; "
+    "`GlobalAveragePooling2D(keepdims=True)`"
 )
 
 _ACTIVATIONS = ("relu", "relu6", "leaky_relu", "elu", "sigmoid")
 
 # `keras.ops` calls in a functional model (`x + y`, `keras.ops.relu(x)`)
 # are operations, not layers: accepted by class name.
-_OPS = {"Add", "Subtract", "Multiply"} | {
+# XNNPACK runs no subtraction sparse: only addition and multiplication.
+_OPS = {"Add", "Multiply"} | {
     "Relu",
     "Relu6",
     "LeakyRelu",
@@ -238,32 +244,41 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
     sparse 1x1 convolutions faster ("Fast Sparse ConvNets",
     arXiv:1911.09723), on the part of the graph it can run sparse. This
     policy, like tfmot's of the same name, first checks that the model has
-    that part, and refuses it with a `ValueError` naming the layer that
-    breaks a rule:
+    that part, and refuses it with a `ValueError` that lists every rule
+    the model breaks, each with the layer and what to change:
 
     - every input branch starts with a `Conv2D` with a 3x3 kernel, 3 input
-      channels, `strides=(2, 2)` and `padding="valid"`, right after a
-      `ZeroPadding2D(padding=1)` (XNNPACK's 3x3 stride-2 convolution with
-      padding 1 on each side);
+      channels, `strides=(2, 2)`, no dilation, groups 1 and
+      `padding="valid"`, right after a `ZeroPadding2D(padding=1)` that
+      feeds only it (XNNPACK's 3x3 stride-2 convolution with padding 1 on
+      each side);
     - every output branch goes through a `GlobalAveragePooling2D` (TFLite's
       `MEAN` over height and width), which ends the sparse part; layers
       after it (a classifier head) are free;
     - between the two there are only 1x1 `Conv2D` (strides 1, no dilation,
       groups 1), 3x3 or 5x5 `DepthwiseConv2D` (depth multiplier 1, no
       dilation; `padding="same"` with strides 1, or `padding="valid"` with
-      strides 1 or 2 after a `ZeroPadding2D` of 1 or 2 on each side),
-      `BatchNormalization` on the channels axis, `ReLU`, `LeakyReLU`,
-      `ELU`, `Activation` relu/relu6/leaky_relu/elu/sigmoid, `Add`,
-      `Multiply` (also as `+`, `-`, `*` on tensors), `ZeroPadding2D`,
-      `Dropout`, bilinear `UpSampling2D` and
+      strides 1 or 2 after a `ZeroPadding2D` of 1 or 2 on each side that
+      feeds only it), `BatchNormalization` on the channels axis right
+      after a convolution (so that the converter folds it), `ReLU`,
+      `LeakyReLU`, `ELU`, `Activation` relu/relu6/leaky_relu/elu/sigmoid,
+      `Add`, `Multiply` (also as `+`, `*` on two 4-D tensors; XNNPACK runs
+      no subtraction sparse), `Dropout`, bilinear `UpSampling2D` and
       `GlobalAveragePooling2D(keepdims=True)`.
 
+    `padding="same"` at stride 2 breaks the first and third rules:
+    TensorFlow pads such a layer asymmetrically (the odd pixel at the
+    bottom and right) on even input sizes. Where it pads symmetrically,
+    `kprune.pruning_policy.make_xnnpack_compatible` rewrites it.
+
     Then only `Conv2D` layers with a 1x1 kernel are pruned; all other
-    layers stay dense. XNNPACK runs the sparse part sparse when at least
-    2/3 of the 1x1 convolution weights are zero, and the file must store
-    them sparse: convert the stripped model with
-    `tf.lite.Optimize.EXPERIMENTAL_SPARSITY` (`kprune.export.export_litert`
-    does).
+    layers stay dense. XNNPACK runs the sparse part sparse only when more
+    than 2/3 of the 1x1 convolution weights are zero (prune to 0.75 or
+    more, not exactly 2/3), and only from a file that stores them sparse:
+    export the stripped model with
+    `kprune.export.export_litert(model, path, sparse_format=True)`
+    (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`), and check the file with
+    `kprune.export.xnnpack_sparse_problems`.
 
     The model must be a built Sequential or functional model: the policy
     reads its graph. Subclassed and unbuilt models are refused.
@@ -327,11 +342,26 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             _Call(None, [], name=names.get(id(t), "")) for t in model_inputs
         ]
         outputs = _flatten_graph(model, inputs)
-        starts = self._find_starts(inputs, policy)
-        ends = self._find_ends(outputs, policy)
-        self._check_between(starts, ends, policy)
+        problems = []
+        starts = self._find_starts(inputs, problems)
+        ends = self._find_ends(outputs, problems)
+        self._check_between(starts, ends, problems)
+        if problems:
+            count = (
+                "1 problem"
+                if len(problems) == 1
+                else f"{len(problems)} problems"
+            )
+            raise ValueError(
+                f"`{policy}`: model {model.name!r} breaks XNNPACK's sparse "
+                f"inference rules ({count}), so XNNPACK would run it dense. "
+                "Fix each of these:\n"
+                + "\n".join(f"- {problem}" for problem in problems)
+            )
 
-    # Each rule below mirrors a line of XNNPACK's sparse inference rules.
+    # Each rule below mirrors a condition of XNNPACK's sparse inference
+    # (`xnn_check_nchw_compatibility` and `xnn_subgraph_rewrite_for_nchw`
+    # in XNNPACK's src/subgraph.c).
 
     def _start_mismatch(self, call):
         """Why a `Conv2D` call cannot start the sparse subgraph, or None."""
@@ -341,27 +371,42 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             problems.append(f"kernel_size={tuple(layer.kernel_size)}")
         if tuple(layer.strides) != (2, 2):
             problems.append(f"strides={tuple(layer.strides)}")
+        if tuple(layer.dilation_rate) != (1, 1):
+            problems.append(f"dilation_rate={tuple(layer.dilation_rate)}")
+        if layer.groups != 1:
+            problems.append(f"groups={layer.groups}")
         if layer.padding.lower() != "valid":
-            problems.append(f"padding={layer.padding!r}")
+            problems.append(
+                f"padding={layer.padding!r}{_same_padding_note(layer)}"
+            )
         kernel = getattr(layer, "kernel", None)
         if kernel is not None and tuple(kernel.shape[2:3]) != (3,):
             problems.append(f"{kernel.shape[2]} input channels, not 3")
-        if not _zero_padding_before(call, 1):
+        if layer.padding.lower() == "valid" and not _zero_padding_before(
+            call, 1
+        ):
             before = ", ".join(p.describe() for p in call.producers)
             problems.append(
                 f"its input comes from {before}, not from a "
-                "`ZeroPadding2D(padding=1)`"
+                "`ZeroPadding2D(padding=1)` that feeds only it"
             )
         return "; ".join(problems) or None
 
-    def _find_starts(self, inputs, policy):
-        """The start convolution of every input branch (forward search)."""
+    def _find_starts(self, inputs, problems):
+        """The start convolution of every input branch (forward search).
+
+        A branch that reaches a model output without a valid start is
+        reported in `problems`; its first `Conv2D`, if any, is returned
+        as a start anyway, so that the layers after it are checked too.
+        """
         starts, seen = [], set(inputs)
         queue = collections.deque(inputs)
         near_misses = []
         while queue:
             call = queue.popleft()
-            if isinstance(call.layer, keras.layers.Conv2D):
+            if isinstance(call.layer, keras.layers.Conv2D) and not isinstance(
+                call.layer, keras.layers.DepthwiseConv2D
+            ):
                 mismatch = self._start_mismatch(call)
                 if mismatch is None:
                     starts.append(call)
@@ -373,71 +418,91 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
                     for miss, why in near_misses
                     if _reaches(miss, call, "consumers")
                 ]
+                if misses and misses[0][0] in starts:
+                    continue  # reported for another output already
                 if misses:
                     miss, why = misses[0]
+                    starts.append(miss)
                     found = (
                         f"{miss.describe()} is the first `Conv2D` on the "
                         f"way, but it has {why}"
                     )
                 else:
                     found = "there is no `Conv2D` on the way"
-                raise ValueError(
-                    f"`{policy}` needs every input branch to start "
-                    "XNNPACK's sparse subgraph with a `Conv2D` with a 3x3 "
-                    "kernel, strides=(2, 2), padding='valid' and 3 input "
-                    "channels, right after a `ZeroPadding2D(padding=1)`. "
-                    f"The branch from {_inputs_reaching(call, inputs)} reaches "
-                    f"the model output {call.describe()} without one: "
-                    f"{found}. Start the network with "
+                problems.append(
+                    "Start: XNNPACK needs every input branch to start its "
+                    "sparse subgraph with a `Conv2D` with a 3x3 kernel, "
+                    "strides=(2, 2), padding='valid', no dilation, groups 1 "
+                    "and 3 input channels, right after a "
+                    "`ZeroPadding2D(padding=1)` (padding 1 on each side). "
+                    f"The branch from {_inputs_reaching(call, inputs)} "
+                    f"reaches the model output {call.describe()} without "
+                    f"one: {found}. Start the network with "
                     "`ZeroPadding2D(padding=1)` then `Conv2D(filters, 3, "
                     "strides=2, padding='valid')` on 3-channel images."
                 )
+                continue
             for nxt in call.consumers:
                 if nxt not in seen:
                     seen.add(nxt)
                     queue.append(nxt)
         return starts
 
-    def _find_ends(self, outputs, policy):
+    def _find_ends(self, outputs, problems):
         """The `GlobalAveragePooling2D` of every output (backward search)."""
-        ends, seen = set(), set(outputs)
-        queue = collections.deque(outputs)
-        poolings = []
-        while queue:
-            call = queue.popleft()
-            if isinstance(call.layer, keras.layers.GlobalAveragePooling2D):
-                ends.add(call)
-                continue
-            if "Pool" in type(call.layer).__name__:
-                poolings.append(call)
-            if not call.producers:
+        ends = set()
+        for output in dict.fromkeys(outputs):
+            seen = {output}
+            queue = collections.deque([output])
+            poolings, missing = [], []
+            while queue:
+                call = queue.popleft()
+                if isinstance(call.layer, keras.layers.GlobalAveragePooling2D):
+                    ends.add(call)
+                    continue
+                if "Pool" in type(call.layer).__name__:
+                    poolings.append(call)
+                if not call.producers:
+                    missing.append(call)
+                for prev in call.producers:
+                    if prev not in seen:
+                        seen.add(prev)
+                        queue.append(prev)
+            for source in missing:
                 hint = ""
-                poolings = [
-                    p for p in poolings if _reaches(call, p, "consumers")
+                on_way = [
+                    p for p in poolings if _reaches(source, p, "consumers")
                 ]
-                if poolings:
+                if on_way:
                     hint = (
-                        f" ({poolings[0].describe()} on the way does not "
+                        f" ({on_way[0].describe()} on the way does not "
                         "end it: only a global average pooling does)"
                     )
-                raise ValueError(
-                    f"`{policy}` needs every output branch to end XNNPACK's "
-                    "sparse subgraph with a `GlobalAveragePooling2D` (TFLite "
-                    "`MEAN` over height and width). Following the model "
-                    f"output {_outputs_reached(call, outputs)} back reaches "
-                    f"{call.describe()} without one{hint}. Add "
+                problems.append(
+                    "End: XNNPACK needs every output branch to end its "
+                    "sparse subgraph with a `GlobalAveragePooling2D` "
+                    "(TFLite `MEAN` over height and width). Following the "
+                    f"model output {output.describe()} back reaches "
+                    f"{source.describe()} without one{hint}. Add "
                     "`GlobalAveragePooling2D(keepdims=True)` after the last "
                     "convolution block; layers after it are not checked."
                 )
-            for prev in call.producers:
-                if prev not in seen:
-                    seen.add(prev)
-                    queue.append(prev)
         return ends
 
-    def _check_between(self, starts, ends, policy):
+    def _check_between(self, starts, ends, problems):
         """Every call between a start and an end must be supported."""
-        seen = set()
+        # Only calls from which an end can be reached are checked: a branch
+        # that reaches none (a classifier without global pooling) is
+        # reported as missing its end.
+        before_end = set()
+        stack = list(ends)
+        while stack:
+            call = stack.pop()
+            for prev in call.producers:
+                if prev not in before_end:
+                    before_end.add(prev)
+                    stack.append(prev)
+        seen = set(starts)
         queue = collections.deque()
         for start in starts:
             for nxt in start.consumers:
@@ -448,13 +513,14 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             call = queue.popleft()
             if call in ends:
                 continue
+            if call not in before_end:
+                continue
             why = self._unsupported(call)
             if why is not None:
-                raise ValueError(
-                    f"`{policy}`: {call.describe()} lies in XNNPACK's sparse "
-                    "subgraph (between the stem `Conv2D` and the "
-                    f"`GlobalAveragePooling2D`) and breaks its rules: {why}. "
-                    "Replace it, or move it after the global pooling."
+                problems.append(
+                    f"Between: {call.describe()} lies in XNNPACK's sparse "
+                    "subgraph (between the start `Conv2D` and the "
+                    f"`GlobalAveragePooling2D`) and breaks its rules: {why}."
                 )
             for nxt in call.consumers:
                 if nxt not in seen:
@@ -476,7 +542,6 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             (
                 keras.layers.Add,
                 keras.layers.Multiply,
-                keras.layers.ZeroPadding2D,
                 keras.layers.ReLU,
                 keras.layers.LeakyReLU,
                 keras.layers.ELU,
@@ -484,6 +549,8 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             ),
         ):
             return None
+        if isinstance(layer, keras.layers.ZeroPadding2D):
+            return self._zero_padding_mismatch(call)
         if isinstance(layer, keras.layers.DepthwiseConv2D):
             return self._depthwise_mismatch(call)
         if isinstance(layer, keras.layers.Conv2D):
@@ -508,9 +575,9 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
                 return None
             return "keepdims=False (use keepdims=True inside the subgraph)"
         if isinstance(layer, keras.layers.BatchNormalization):
-            if layer.axis in (-1, 3):
-                return None
-            return f"axis={layer.axis} (must be the last, channels axis)"
+            if layer.axis not in (-1, 3):
+                return f"axis={layer.axis} (must be the last, channels axis)"
+            return _batch_normalization_mismatch(call)
         if isinstance(layer, keras.layers.UpSampling2D):
             if layer.interpolation == "bilinear":
                 return None
@@ -525,6 +592,24 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             return f"activation {name!r} is not supported"
         return f"{type(layer).__name__} is not supported; {_SUPPORTED}"
 
+    def _zero_padding_mismatch(self, call):
+        # XNNPACK has no sparse (CHW) padding kernel: a padding runs sparse
+        # only folded into the depthwise convolution it feeds.
+        consumers = call.consumers
+        if len(consumers) == 1:
+            layer = consumers[0].layer
+            if (
+                isinstance(layer, keras.layers.DepthwiseConv2D)
+                and layer.padding.lower() == "valid"
+            ):
+                return None
+        fed = ", ".join(c.describe() for c in consumers) or "nothing"
+        return (
+            "a `ZeroPadding2D` runs in the sparse subgraph only folded into "
+            "a `DepthwiseConv2D(padding='valid')` that is its only consumer; "
+            f"it feeds {fed}"
+        )
+
     def _depthwise_mismatch(self, call):
         layer = call.layer
         kernel = tuple(layer.kernel_size)
@@ -534,7 +619,8 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
             "`DepthwiseConv2D` must be 3x3 or 5x5 with depth_multiplier 1 "
             "and no dilation, with padding='same' and strides 1, or with "
             "padding='valid' and strides 1 or 2 right after a "
-            "`ZeroPadding2D` of 1 (3x3) or 2 (5x5) on each side"
+            "`ZeroPadding2D` of 1 (3x3) or 2 (5x5) on each side (XNNPACK "
+            "needs the same padding on each side)"
         )
         got = (
             f"it has kernel_size={kernel}, strides={strides}, "
@@ -557,19 +643,102 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
         ):
             return None
         if padding == "valid" and strides in ((1, 1), (2, 2)):
-            got += f", and no `ZeroPadding2D({kernel[0] // 2})` before it"
+            got += (
+                f", and no `ZeroPadding2D({kernel[0] // 2})` before it (that "
+                "feeds only it)"
+            )
+        if padding == "same":
+            got += _same_padding_note(layer)
         return f"{rule}; {got}"
+
+
+def _batch_normalization_mismatch(call):
+    """Why a `BatchNormalization` call is not folded by the converter."""
+    # The converter folds a batch normalization into the convolution
+    # before it. Left alone it becomes a MUL and an ADD by 1-D constants,
+    # and XNNPACK runs binary operators sparse only on two 4-D inputs.
+    if len(call.producers) == 1:
+        producer = call.producers[0]
+        if (
+            isinstance(
+                producer.layer,
+                (keras.layers.Conv2D, keras.layers.DepthwiseConv2D),
+            )
+            and len(producer.consumers) == 1
+        ):
+            return None
+    before = ", ".join(p.describe() for p in call.producers)
+    return (
+        "a `BatchNormalization` runs in the sparse subgraph only right "
+        "after a `Conv2D` or `DepthwiseConv2D` that feeds only it (the "
+        "converter folds it into the convolution; alone it becomes a MUL "
+        "and an ADD by 1-D constants, which XNNPACK runs only dense); its "
+        f"input comes from {before}"
+    )
+
+
+def _same_padding(size, kernel, stride, dilation):
+    """TensorFlow's "same" padding of one spatial axis: (before, after)."""
+    extent = (kernel - 1) * dilation + 1
+    total = max((-(-size // stride) - 1) * stride + extent - size, 0)
+    return total // 2, total - total // 2
+
+
+def _input_size(layer):
+    """(height, width) of the input of `layer`'s first call, or None."""
+    try:
+        shape = tuple(layer.input.shape)
+    except (AttributeError, ValueError):
+        return None
+    if len(shape) != 4 or None in shape[1:3]:
+        return None
+    return shape[1], shape[2]
+
+
+def _symmetric_padding(layer):
+    """((top, left), None) if `layer`'s "same" padding is symmetric on its
+    input, else (None, why)."""
+    size = _input_size(layer)
+    if size is None:
+        return None, "its input height and width are not known"
+    pads = [
+        _same_padding(n, k, s, d)
+        for n, k, s, d in zip(
+            size, layer.kernel_size, layer.strides, layer.dilation_rate
+        )
+    ]
+    if all(before == after for before, after in pads):
+        return (pads[0][0], pads[1][0]), None
+    (top, bottom), (left, right) = pads
+    return None, (
+        f"on its {size[0]}x{size[1]} input, padding='same' pads {top} "
+        f"above and {bottom} below, {left} left and {right} right"
+    )
+
+
+def _same_padding_note(layer):
+    """Why a "same"-padded strided layer breaks the rules, and the fix."""
+    if layer.padding.lower() != "same" or tuple(layer.strides) == (1, 1):
+        return ""
+    pads, why = _symmetric_padding(layer)
+    if pads is None:
+        return (
+            f" ({why}: TensorFlow puts the odd pixel at the bottom and "
+            "right, and no symmetric padding computes the same outputs; "
+            "use `ZeroPadding2D` and padding='valid' and train or fine-tune "
+            "the layer that way, or feed inputs of odd height and width)"
+        )
+    return (
+        f" (on its input this pads {pads[0]} above and below and {pads[1]} "
+        "left and right: `kprune.pruning_policy.make_xnnpack_compatible` "
+        "rewrites it as `ZeroPadding2D` then padding='valid', with the "
+        "same outputs)"
+    )
 
 
 def _inputs_reaching(call, inputs):
     """Names the model input(s) a dead-end `call` is reached from."""
     names = [c.describe() for c in inputs if _reaches(c, call, "consumers")]
-    return ", ".join(names)
-
-
-def _outputs_reached(call, outputs):
-    """Names the model output(s) from which `call` is reached backward."""
-    names = [c.describe() for c in outputs if _reaches(call, c, "consumers")]
     return ", ".join(names)
 
 
