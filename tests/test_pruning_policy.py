@@ -739,3 +739,124 @@ def test_symmetric_same_padding_points_to_the_rewrite():
     message = str(info.value)
     assert "pads 1 above and below" in message
     assert "make_xnnpack_compatible" in message
+
+
+# `kprune.pruning_policy.make_xnnpack_compatible`.
+
+
+def strided_same_net(size):
+    """MobileNetV2-like: "same" padding at stride 2 in the stem and in a
+    3x3 and a 5x5 depthwise layer; otherwise within XNNPACK's rules."""
+    i = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(i)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU(6.0)(x)
+    x = layers.Conv2D(16, 1, name="expand")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw3")(x)
+    x = layers.DepthwiseConv2D(5, strides=2, padding="same", name="dw5")(x)
+    x = layers.Conv2D(8, 1, name="project")(x)
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    return keras.Model(i, layers.Dense(2)(layers.Flatten()(x)))
+
+
+def make_compatible(model):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = kprune.pruning_policy.make_xnnpack_compatible(model)
+    notes = [str(w.message) for w in caught if "make_xnnpack" in str(w.message)]
+    return new, notes
+
+
+def test_symmetric_same_padding_is_rewritten_with_identical_outputs():
+    # 33 -> 17 -> 9: "same" pads 1 (3x3) and 2 (5x5) on each side.
+    model = strided_same_net(33)
+    new, notes = make_compatible(model)
+    assert not notes
+    padding = {
+        layer.name: layer.padding
+        for layer in new.layers
+        if isinstance(layer, layers.ZeroPadding2D)
+    }
+    assert padding == {
+        "stem_pad": ((1, 1), (1, 1)),
+        "dw3_pad": ((1, 1), (1, 1)),
+        "dw5_pad": ((2, 2), (2, 2)),
+    }
+    for name in ("stem", "dw3", "dw5"):
+        assert new.get_layer(name).padding == "valid"
+        assert model.get_layer(name).padding == "same"  # input untouched
+    x = np.random.default_rng(0).normal(size=(4, 33, 33, 3))
+    x = x.astype("float32")
+    np.testing.assert_array_equal(
+        new.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert wrapped_names(prune(new)) == ["expand", "project"]
+
+
+def test_asymmetric_same_padding_is_kept_and_named():
+    # 32 -> 16 -> 8: TensorFlow pads 0 above, 1 below (3x3; 1 and 2 for
+    # 5x5), which no symmetric padding reproduces.
+    model = strided_same_net(32)
+    new, notes = make_compatible(model)
+    (note,) = notes
+    for name in ("'stem' (Conv2D)", "'dw3' (DepthwiseConv2D)", "'dw5'"):
+        assert name in note
+    assert "32x32 input, padding='same' pads 0 above and 1 below" in note
+    assert "8x8 input, padding='same' pads 1 above and 2 below" in note
+    assert not any(isinstance(la, layers.ZeroPadding2D) for la in new.layers)
+    x = np.random.default_rng(0).random((2, 32, 32, 3), np.float32)
+    np.testing.assert_array_equal(
+        new.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    with pytest.raises(ValueError, match="3 problems"):
+        prune(new)
+
+
+def test_rewrite_copies_the_weights():
+    model = strided_same_net(33)
+    new, _ = make_compatible(model)
+    for name in ("stem", "dw3", "expand"):
+        old_layer, new_layer = model.get_layer(name), new.get_layer(name)
+        assert new_layer is not old_layer
+        for old, copy in zip(old_layer.weights, new_layer.weights):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(old),
+                keras.ops.convert_to_numpy(copy),
+            )
+    kernel = new.get_layer("expand").kernel
+    kernel.assign(np.zeros(kernel.shape, "float32"))
+    assert np.any(keras.ops.convert_to_numpy(model.get_layer("expand").kernel))
+
+
+def test_sequential_and_nested_models_are_rewritten():
+    inner = keras.Sequential(
+        [
+            keras.Input((9, 9, 8)),
+            layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw"),
+            layers.Conv2D(8, 1),
+        ]
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((17, 17, 3)),
+            layers.Conv2D(8, 3, strides=2, padding="same", name="stem"),
+            inner,
+            layers.GlobalAveragePooling2D(),
+        ]
+    )
+    new, notes = make_compatible(model)
+    assert not notes
+    x = np.random.default_rng(1).random((2, 17, 17, 3), np.float32)
+    np.testing.assert_array_equal(
+        new.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert len(wrapped_names(prune(new))) == 1
+
+
+def test_make_xnnpack_compatible_refuses_subclassed_models():
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="Sequential or functional"):
+        kprune.pruning_policy.make_xnnpack_compatible(Net())

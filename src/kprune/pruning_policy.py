@@ -7,6 +7,7 @@ way tfmot 0.8.1 checks them on Keras layers.
 
 import abc
 import collections
+import warnings
 
 import keras
 
@@ -753,3 +754,172 @@ def _reaches(source, target, direction):
                 seen.add(nxt)
                 stack.append(nxt)
     return False
+
+
+@kprune_export("kprune.pruning_policy")
+def make_xnnpack_compatible(model) -> keras.Model:
+    """Rewrites strided "same" padding as XNNPACK's sparse inference needs.
+
+    XNNPACK runs a 3x3 stride-2 `Conv2D` or `DepthwiseConv2D` sparse only
+    with the same padding on each side, while `padding="same"` at stride
+    2 lets TensorFlow pad `max((ceil(n / s) - 1) * s + k - n, 0)` pixels
+    in all along an axis of size `n`, with the odd one at the bottom or
+    right. Where that total is even on both axes (for a 3x3 or 5x5 kernel
+    at stride 2: odd heights and widths), the layer computes the same
+    function as a `ZeroPadding2D` of half the total on each side followed
+    by the layer with `padding="valid"`, which is what this function
+    builds. Where the total is odd (even sizes, as in
+    `keras.applications.MobileNetV2` at 224x224), no symmetric padding
+    gives the same outputs: such a layer is left as it is and named in a
+    warning; fix it by training or fine-tuning the model with
+    `ZeroPadding2D` and `padding="valid"`, or by feeding inputs of odd
+    height and width.
+
+    Only `keras.layers.Conv2D` and `keras.layers.DepthwiseConv2D` layers
+    with strides above 1 are rewritten, and only those called once whose
+    input height and width are known; nested Sequential and functional
+    models are rewritten too. Call it before pruning: then check the
+    result with `kprune.PruneForLatencyOnXNNPack`, which lists the rules
+    that remain broken.
+
+    Args:
+        model: A built Sequential or functional Keras model. It is left
+            unchanged.
+
+    Returns:
+        A new functional model computing the same function, with copies
+        of `model`'s layers and weights (a layer that cannot be rebuilt
+        from its config is shared). The rewritten layers keep their
+        names; each added padding layer is named after its layer, with
+        `_pad` appended.
+
+    Raises:
+        ValueError: If `model` is not a built Sequential or functional
+            model.
+
+    Example:
+
+    ```python
+    model = kprune.pruning_policy.make_xnnpack_compatible(model)
+    pruned = kprune.prune_low_magnitude(
+        model,
+        pruning_schedule=kprune.ConstantSparsity(0.8, 0),
+        pruning_policy=kprune.PruneForLatencyOnXNNPack(),
+    )
+    ```
+    """
+    name = "kprune.pruning_policy.make_xnnpack_compatible"
+    if not _is_graph_model(model):
+        raise ValueError(
+            f"`{name}` rewrites the model's layer graph, so it needs a "
+            "Sequential or functional model. Received the subclassed model "
+            f"{model.name!r} ({type(model).__name__})."
+        )
+    try:
+        built = bool(model.inputs) if model.built else False
+    except ValueError:  # a Sequential built without an input shape
+        built = False
+    if not built:
+        raise ValueError(
+            f"`{name}` needs a built model (the padding depends on the "
+            f"input size). Model {model.name!r} is not: start it with "
+            "`keras.Input(shape=...)`."
+        )
+    kept = []
+    new = _rewrite_padding(model, kept)
+    if kept:
+        warnings.warn(
+            f"`{name}` left {len(kept)} layer(s) with padding that XNNPACK "
+            "cannot run sparse, as no rewrite computes the same function:\n"
+            + "\n".join(f"- {line}" for line in kept),
+            stacklevel=2,
+        )
+    return new
+
+
+def _rewrite_padding(model, kept):
+    """A functional copy of `model` with symmetric strided "same" padding
+    made explicit; `kept` collects why other strided layers are not."""
+    graph = keras.Model(model.inputs, model.outputs, name=model.name)
+    _, calls, _ = _graph_of(graph)
+    uses = collections.Counter(op.name for op, _, _ in calls)
+    names = {op.name for op in graph.operations}
+    plans = {}
+    for op in graph.operations:
+        if (
+            type(op) not in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+            or op.padding.lower() != "same"
+            or tuple(op.strides) == (1, 1)
+        ):
+            continue
+        where = f"layer {op.name!r} ({type(op).__name__})"
+        if uses[op.name] > 1:
+            kept.append(
+                f"{where} is called {uses[op.name]} times; rewrite it by "
+                "hand with `ZeroPadding2D` and padding='valid'"
+            )
+            continue
+        pads, why = _symmetric_padding(op)
+        if pads is None:
+            kept.append(
+                f"{where}: {why}, and no symmetric padding computes the "
+                "same outputs"
+            )
+            continue
+        pad_name = f"{op.name}_pad"
+        while pad_name in names:
+            pad_name += "_"
+        names.add(pad_name)
+        plans[id(op)] = (pads, pad_name)
+
+    pairs, padded = [], {}
+
+    def clone(layer):
+        if _is_graph_model(layer):
+            return _rewrite_padding(layer, kept)
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a stateless operation, such as `keras.ops.add`
+        if id(layer) in plans:
+            config = layer.get_config()
+            config["padding"] = "valid"
+            new = type(layer).from_config(config)
+            padded[id(new)] = plans[id(layer)]
+        else:
+            try:
+                new = type(layer).from_config(layer.get_config())
+            except Exception:
+                new = layer  # cannot be rebuilt: shared, as tfmot does
+        pairs.append((layer, new))
+        return new
+
+    def call(layer, *args, **kwargs):
+        if id(layer) in padded:
+            (top, left), pad_name = padded[id(layer)]
+            if (top, left) != (0, 0):
+                padding = keras.layers.ZeroPadding2D(
+                    ((top, top), (left, left)), name=pad_name
+                )
+                args = (padding(args[0]), *args[1:])
+        return layer(*args, **kwargs)
+
+    input_names = {
+        id(op.output): op.name
+        for op in graph.operations
+        if isinstance(op, keras.layers.InputLayer)
+    }
+    inputs = keras.tree.map_structure(
+        lambda t: keras.Input(
+            batch_shape=t.shape, dtype=t.dtype, name=input_names.get(id(t))
+        ),
+        graph.inputs,
+    )
+    new = keras.models.clone_model(
+        graph,
+        input_tensors=inputs,
+        clone_function=clone,
+        call_function=call,
+    )
+    for old, copy in pairs:
+        if copy is not old and old.weights:
+            copy.set_weights(old.get_weights())
+    return new
