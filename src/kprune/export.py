@@ -36,7 +36,16 @@ def export_litert(
     worse than zeros, so zipped it is up to 35% larger with dynamic
     range quantization and within 10% either way in float32; and the
     runtime densifies the weights when it loads the model (a `DENSIFY`
-    op), so inference is no faster. With TensorFlow 2.21, a file both
+    op), so inference is no faster, except in one case: the `DENSIFY` ops
+    are what makes XNNPACK try its sparse inference, which runs a
+    convolutional network that follows its rules (see
+    `kprune.PruneForLatencyOnXNNPack`) faster on ARM CPUs. For that path
+    the file also keeps explicit padding: the converter folds
+    `ZeroPadding2D` + `padding="valid"` into strided "SAME" padding where
+    they compute the same, which XNNPACK runs dense, so this function
+    turns each such convolution back into a `PAD` and a "VALID"
+    convolution (same outputs). Check the file with
+    `kprune.export.xnnpack_sparse_problems`. With TensorFlow 2.21, a file both
     sparse and dynamic-range quantized fails to prepare under the default
     XNNPACK delegate; run it with `experimental_op_resolver_type=
     tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`
@@ -52,7 +61,8 @@ def export_litert(
             also quantize weights to int8 (`tf.lite.Optimize.DEFAULT`
             without a representative dataset: activations stay float).
         sparse_format: Whether to store sparse weights in TFLite's sparse
-            tensor format (smaller unzipped, larger zipped; see above).
+            tensor format (smaller unzipped, larger zipped, and needed by
+            XNNPACK's sparse inference; see above).
         **kwargs: Other LiteRT converter settings, passed to
             `model.export` (for example `representative_dataset`).
             `optimizations` is set by this function.
