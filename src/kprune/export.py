@@ -156,13 +156,18 @@ def _unfold_symmetric_padding(filepath):
         for i, c in enumerate(model.operatorCodes)
     }
     pad_code = None
-    operators = []
+    operators, changed = [], False
     for op in graph.operators:
         padding = None
         if code_of[op.opcodeIndex] in (ops.CONV_2D, ops.DEPTHWISE_CONV_2D):
             padding = _symmetric_same_padding(graph, op, schema)
         if padding is None:
             operators.append(op)
+            continue
+        if not np.any(padding):  # "SAME" pads nothing here: "VALID"
+            op.builtinOptions.padding = schema.Padding.VALID
+            operators.append(op)
+            changed = True
             continue
         if pad_code is None:
             pad_code = next(
@@ -206,7 +211,8 @@ def _unfold_symmetric_padding(filepath):
         op.inputs[0] = len(graph.tensors) - 1
         op.builtinOptions.padding = schema.Padding.VALID
         operators.extend([pad, op])
-    if len(operators) == len(graph.operators):
+        changed = True
+    if not changed:
         return
     graph.operators = operators
     builder = flatbuffers.Builder(1024)
@@ -222,11 +228,15 @@ def _symmetric_same_padding(graph, op, schema):
     strides = (options.strideH, options.strideW)
     if options.padding != schema.Padding.SAME or strides == (1, 1):
         return None
-    shape = [int(n) for n in graph.tensors[op.inputs[0]].shape]
+    source = graph.tensors[op.inputs[0]]
+    shape = [int(n) for n in source.shape]
     kernel = [int(n) for n in graph.tensors[op.inputs[1]].shape[1:3]]
     dilations = (options.dilationHFactor, options.dilationWFactor)
     if len(shape) != 4:
         return None
+    signature = source.shapeSignature
+    if signature is not None and min(int(n) for n in signature[1:3]) < 0:
+        return None  # height or width set at run time
     padding = []
     for size, k, stride, dilation in zip(
         shape[1:3], kernel, strides, dilations
