@@ -171,13 +171,21 @@ def test_fit_prunes_the_1x1_convolutions_to_the_final_sparsity():
 
 @pytest.mark.slow
 @requires_tensorflow
-def test_sparse_tflite_file_densifies_exactly_the_1x1_convolutions():
+def test_sparse_tflite_file_densifies_exactly_the_1x1_convolutions(
+    tmp_path,
+):
     import tensorflow as tf
 
     stripped, x = fit_guide_model()
     converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
     converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     content = converter.convert()
+    # The guide's model, pruned to 75% under the policy, follows XNNPACK's
+    # sparse rules in the file too.
+    (tmp_path / "guide.tflite").write_bytes(content)
+    assert (
+        kprune.export.xnnpack_sparse_problems(tmp_path / "guide.tflite") == []
+    )
 
     report = io.StringIO()
     with contextlib.redirect_stdout(report):
