@@ -767,10 +767,10 @@ def strided_same_net(size):
     return keras.Model(i, layers.Dense(2)(layers.Flatten()(x)))
 
 
-def make_compatible(model):
+def make_compatible(model, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new = kprune.pruning_policy.make_xnnpack_compatible(model)
+        new = kprune.pruning_policy.make_xnnpack_compatible(model, **kwargs)
     notes = [str(w.message) for w in caught if "make_xnnpack" in str(w.message)]
     return new, notes
 
@@ -868,3 +868,85 @@ def test_make_xnnpack_compatible_refuses_subclassed_models():
 
     with pytest.raises(ValueError, match="Sequential or functional"):
         kprune.pruning_policy.make_xnnpack_compatible(Net())
+
+
+def asymmetric_depthwise_net(height=16, width=16):
+    """Within XNNPACK's rules but for two 3x3 stride-2 depthwise layers
+    padded 0 before and 1 after: "same" on an even size, and an explicit
+    `ZeroPadding2D` as in `keras.applications.MobileNetV2`."""
+    i = keras.Input((height, width, 3))
+    x = layers.Conv2D(8, 3, strides=2, name="stem")(layers.ZeroPadding2D(1)(i))
+    x = layers.Conv2D(16, 1, name="expand")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw_same")(x)
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)), name="dw_pad")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, name="dw_explicit")(x)
+    x = layers.Conv2D(8, 1, name="project")(x)
+    return keras.Model(i, layers.GlobalAveragePooling2D()(x))
+
+
+# (16, 14): "dw_same" reads 8x7 pixels, so pads (0, 1) and (1, 1).
+@pytest.mark.parametrize("height, width", [(16, 16), (16, 14)])
+def test_depthwise_5x5_rewrites_asymmetric_padding_with_equal_outputs(
+    height, width
+):
+    model = asymmetric_depthwise_net(height, width)
+    with pytest.raises(ValueError, match="2 problems") as info:
+        prune(model)
+    for line in str(info.value).splitlines()[1:]:
+        assert "make_xnnpack_compatible(model, depthwise_5x5=True)" in line
+    _, notes = make_compatible(model)
+    assert "'dw_same'" in notes[0] and "depthwise_5x5=True" in notes[0]
+    new, notes = make_compatible(model, depthwise_5x5=True)
+    assert not notes  # nothing is left
+    for name in ("dw_same", "dw_explicit"):
+        layer = new.get_layer(name)
+        assert tuple(layer.kernel_size) == (5, 5)
+        assert layer.padding == "valid"
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        old = keras.ops.convert_to_numpy(model.get_layer(name).kernel)
+        # The 3x3 taps sit where the 5x5 kernel reads the same pixels: one
+        # row (column) lower where "same" pads 1 before, on odd sizes.
+        _, rows, cols, _ = model.get_layer(name).input.shape
+        top = 1 if name == "dw_same" and rows % 2 else 2
+        left = 1 if name == "dw_same" and cols % 2 else 2
+        np.testing.assert_array_equal(
+            kernel[top : top + 3, left : left + 3], old
+        )
+        assert np.count_nonzero(kernel) == np.count_nonzero(old)
+    assert new.get_layer("dw_pad").padding == ((2, 2), (2, 2))
+    assert model.get_layer("dw_pad").padding == ((0, 1), (0, 1))
+    x = np.random.default_rng(0).normal(size=(4, height, width, 3))
+    x = x.astype("float32")
+    np.testing.assert_allclose(
+        new.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    assert wrapped_names(prune(new)) == ["expand", "project"]
+
+
+@pytest.mark.slow
+def test_keras_mobilenet_v2_is_rewritten_but_for_its_stem_on_even_sizes():
+    def problems(model):
+        with pytest.raises(ValueError) as info:
+            prune(model)
+        return str(info.value).splitlines()[1:]
+
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), weights=None, classes=10
+    )
+    # The stem and the four stride-2 blocks pad 0 before and 1 after.
+    assert len(problems(model)) == 5
+    new, notes = make_compatible(model)
+    assert len(problems(new)) == 5
+    new = kprune.pruning_policy.make_xnnpack_compatible(
+        model, depthwise_5x5=True
+    )
+    (stem,) = problems(new)
+    assert "'Conv1'" in stem and "pads 0 above and 1 below" in stem
+    # On odd sizes every stride-2 layer pads 1 on each side.
+    model = keras.applications.MobileNetV2(
+        input_shape=(33, 33, 3), weights=None, classes=10
+    )
+    new, notes = make_compatible(model)
+    assert not notes
+    pointwise = [la for la in new.layers if POLICY().allow_pruning(la)]
+    assert len(wrapped_names(prune(new))) == len(pointwise) == 34

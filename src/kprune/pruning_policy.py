@@ -10,6 +10,7 @@ import collections
 import warnings
 
 import keras
+import numpy as np
 
 from kprune.api_export import kprune_export
 from kprune.wrapper import PruneLowMagnitude
@@ -648,6 +649,13 @@ class PruneForLatencyOnXNNPack(PruningPolicy):
                 f", and no `ZeroPadding2D({kernel[0] // 2})` before it (that "
                 "feeds only it)"
             )
+            before = call.producers[0].layer if call.producers else None
+            if isinstance(before, keras.layers.ZeroPadding2D):
+                got += f": the one before it pads {before.padding}"
+                if _is_3x3_stride_2_depthwise(layer) and (
+                    _embedding(_input_size(before), before.padding)
+                ):
+                    got += _DEPTHWISE_5X5
         if padding == "same":
             got += _same_padding_note(layer)
         return f"{rule}; {got}"
@@ -717,17 +725,28 @@ def _symmetric_padding(layer):
     )
 
 
+_DEPTHWISE_5X5 = (
+    "; `kprune.pruning_policy.make_xnnpack_compatible(model, "
+    "depthwise_5x5=True)` rewrites it as a 5x5 depthwise convolution "
+    "padded by 2 on each side that computes the same"
+)
+
+
 def _same_padding_note(layer):
     """Why a "same"-padded strided layer breaks the rules, and the fix."""
     if layer.padding.lower() != "same" or tuple(layer.strides) == (1, 1):
         return ""
     pads, why = _symmetric_padding(layer)
     if pads is None:
+        hint = ""
+        if _is_3x3_stride_2_depthwise(layer):
+            hint = _DEPTHWISE_5X5
         return (
             f" ({why}: TensorFlow puts the odd pixel at the bottom and "
-            "right, and no symmetric padding computes the same outputs; "
-            "use `ZeroPadding2D` and padding='valid' and train or fine-tune "
-            "the layer that way, or feed inputs of odd height and width)"
+            "right, and no symmetric padding computes the same outputs with "
+            "this kernel; use `ZeroPadding2D` and padding='valid' and train "
+            "or fine-tune the layer that way, or feed inputs of odd height "
+            f"and width){hint}"
         )
     return (
         f" (on its input this pads {pads[0]} above and below and {pads[1]} "
@@ -757,7 +776,7 @@ def _reaches(source, target, direction):
 
 
 @kprune_export("kprune.pruning_policy")
-def make_xnnpack_compatible(model) -> keras.Model:
+def make_xnnpack_compatible(model, depthwise_5x5: bool = False) -> keras.Model:
     """Rewrites strided "same" padding as XNNPACK's sparse inference needs.
 
     XNNPACK runs a 3x3 stride-2 `Conv2D` or `DepthwiseConv2D` sparse only
@@ -768,12 +787,22 @@ def make_xnnpack_compatible(model) -> keras.Model:
     at stride 2: odd heights and widths), the layer computes the same
     function as a `ZeroPadding2D` of half the total on each side followed
     by the layer with `padding="valid"`, which is what this function
-    builds. Where the total is odd (even sizes, as in
-    `keras.applications.MobileNetV2` at 224x224), no symmetric padding
-    gives the same outputs: such a layer is left as it is and named in a
-    warning; fix it by training or fine-tuning the model with
-    `ZeroPadding2D` and `padding="valid"`, or by feeding inputs of odd
-    height and width.
+    builds; the outputs are identical.
+
+    Where the total is odd (even sizes, as in
+    `keras.applications.MobileNetV2` at 224x224), no symmetric padding of
+    the same kernel gives the same outputs. With `depthwise_5x5=True`, a
+    3x3 stride-2 `DepthwiseConv2D` padded 0 before and 1 after (by "same"
+    padding on even sizes, or by a `ZeroPadding2D(((0, 1), (0, 1)))` that
+    feeds only it, as in MobileNetV2) becomes a 5x5 one padded by 2 on
+    each side whose kernel holds the 3x3 one in its bottom-right corner
+    and zeros elsewhere: the same function (equal up to float rounding)
+    at about 2.8x the depthwise multiply-adds, a small share of a
+    MobileNet's, which the 5x5 kernel then trains as 25 weights. Other
+    layers (a `Conv2D` stem: XNNPACK's sparse start is 3x3 only) are left
+    as they are and named in a warning; fix them by training or
+    fine-tuning the model with `ZeroPadding2D` and `padding="valid"`, or
+    by feeding inputs of odd height and width.
 
     Only `keras.layers.Conv2D` and `keras.layers.DepthwiseConv2D` layers
     with strides above 1 are rewritten, and only those called once whose
@@ -785,6 +814,8 @@ def make_xnnpack_compatible(model) -> keras.Model:
     Args:
         model: A built Sequential or functional Keras model. It is left
             unchanged.
+        depthwise_5x5: Whether to rewrite 3x3 stride-2 depthwise
+            convolutions padded asymmetrically as 5x5 ones (see above).
 
     Returns:
         A new functional model computing the same function, with copies
@@ -795,7 +826,7 @@ def make_xnnpack_compatible(model) -> keras.Model:
 
     Raises:
         ValueError: If `model` is not a built Sequential or functional
-            model.
+            model, or `depthwise_5x5` is not a bool.
 
     Example:
 
@@ -825,8 +856,13 @@ def make_xnnpack_compatible(model) -> keras.Model:
             f"input size). Model {model.name!r} is not: start it with "
             "`keras.Input(shape=...)`."
         )
+    if not isinstance(depthwise_5x5, bool):
+        raise ValueError(
+            "Argument `depthwise_5x5` must be True or False. Received: "
+            f"depthwise_5x5={depthwise_5x5!r}"
+        )
     kept = []
-    new = _rewrite_padding(model, kept)
+    new = _rewrite_padding(model, kept, depthwise_5x5)
     if kept:
         warnings.warn(
             f"`{name}` left {len(kept)} layer(s) with padding that XNNPACK "
@@ -837,22 +873,57 @@ def make_xnnpack_compatible(model) -> keras.Model:
     return new
 
 
-def _rewrite_padding(model, kept):
-    """A functional copy of `model` with symmetric strided "same" padding
-    made explicit; `kept` collects why other strided layers are not."""
+def _rewrite_padding(model, kept, depthwise_5x5):
+    """A functional copy of `model` with strided padding made symmetric
+    where that keeps the function; `kept` collects why other strided
+    layers are left as they are."""
     graph = keras.Model(model.inputs, model.outputs, name=model.name)
     _, calls, _ = _graph_of(graph)
     uses = collections.Counter(op.name for op, _, _ in calls)
-    names = {op.name for op in graph.operations}
-    plans = {}
+    operations = {op.name: op for op in graph.operations}
+    readers = collections.defaultdict(list)
+    first_input = {}
+    for op, keys, _ in calls:
+        first_input.setdefault(op.name, keys[0][0] if keys else None)
+        for key in keys:
+            readers[key[:2]].append(op)
+    names = set(operations)
+
+    def new_name(base):
+        name = f"{base}_pad"
+        while name in names:
+            name += "_"
+        names.add(name)
+        return name
+
+    # id(old layer) -> (padding to add before it or None, its name, where
+    # its 3x3 kernel sits in a 5x5 one or None); id(old ZeroPadding2D) ->
+    # the padding that replaces its own.
+    plans, repads = {}, {}
     for op in graph.operations:
-        if (
-            type(op) not in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-            or op.padding.lower() != "same"
-            or tuple(op.strides) == (1, 1)
-        ):
+        if type(op) not in (
+            keras.layers.Conv2D,
+            keras.layers.DepthwiseConv2D,
+        ) or tuple(op.strides) == (1, 1):
             continue
         where = f"layer {op.name!r} ({type(op).__name__})"
+        if op.padding.lower() == "valid":
+            # keras.applications.MobileNetV2: ZeroPadding2D((0, 1), (0, 1))
+            # on even sizes, then a 3x3 stride-2 depthwise convolution.
+            pad = operations.get(first_input.get(op.name))
+            if not (
+                depthwise_5x5
+                and _is_3x3_stride_2_depthwise(op)
+                and type(pad) is keras.layers.ZeroPadding2D
+                and uses[op.name] == uses[pad.name] == 1
+                and len(readers[(pad.name, 0)]) == 1
+            ):
+                continue
+            offsets = _embedding(_input_size(pad), pad.padding)
+            if offsets is not None:
+                repads[id(pad)] = ((2, 2), (2, 2))
+                plans[id(op)] = (None, None, offsets)
+            continue
         if uses[op.name] > 1:
             kept.append(
                 f"{where} is called {uses[op.name]} times; rewrite it by "
@@ -860,30 +931,42 @@ def _rewrite_padding(model, kept):
             )
             continue
         pads, why = _symmetric_padding(op)
-        if pads is None:
-            kept.append(
-                f"{where}: {why}, and no symmetric padding computes the "
-                "same outputs"
-            )
+        if pads is not None:
+            plans[id(op)] = (pads, new_name(op.name), None)
             continue
-        pad_name = f"{op.name}_pad"
-        while pad_name in names:
-            pad_name += "_"
-        names.add(pad_name)
-        plans[id(op)] = (pads, pad_name)
+        size = _input_size(op)
+        if depthwise_5x5 and _is_3x3_stride_2_depthwise(op) and size:
+            same = [_same_padding(n, 3, 2, 1) for n in size]
+            offsets = _embedding(size, same)
+            if offsets is not None:
+                plans[id(op)] = ((2, 2), new_name(op.name), offsets)
+                continue
+        hint = ""
+        if _is_3x3_stride_2_depthwise(op) and not depthwise_5x5:
+            hint = " (`depthwise_5x5=True` rewrites it as a 5x5 one)"
+        kept.append(
+            f"{where}: {why}, and no symmetric padding computes the same "
+            f"outputs{hint}"
+        )
 
-    pairs, padded = [], {}
+    pairs, planned = [], {}
 
     def clone(layer):
         if _is_graph_model(layer):
-            return _rewrite_padding(layer, kept)
+            return _rewrite_padding(layer, kept, depthwise_5x5)
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless operation, such as `keras.ops.add`
+        if id(layer) in repads:
+            return keras.layers.ZeroPadding2D(
+                repads[id(layer)], name=layer.name
+            )
         if id(layer) in plans:
             config = layer.get_config()
             config["padding"] = "valid"
+            if plans[id(layer)][2] is not None:
+                config["kernel_size"] = (5, 5)
             new = type(layer).from_config(config)
-            padded[id(new)] = plans[id(layer)]
+            planned[id(new)] = plans[id(layer)]
         else:
             try:
                 new = type(layer).from_config(layer.get_config())
@@ -893,13 +976,13 @@ def _rewrite_padding(model, kept):
         return new
 
     def call(layer, *args, **kwargs):
-        if id(layer) in padded:
-            (top, left), pad_name = padded[id(layer)]
-            if (top, left) != (0, 0):
-                padding = keras.layers.ZeroPadding2D(
-                    ((top, top), (left, left)), name=pad_name
-                )
-                args = (padding(args[0]), *args[1:])
+        pads, pad_name, _ = planned.get(id(layer), (None, None, None))
+        if pads is not None and pads != (0, 0):
+            (top, left) = pads
+            padding = keras.layers.ZeroPadding2D(
+                ((top, top), (left, left)), name=pad_name
+            )
+            args = (padding(args[0]), *args[1:])
         return layer(*args, **kwargs)
 
     input_names = {
@@ -920,6 +1003,47 @@ def _rewrite_padding(model, kept):
         call_function=call,
     )
     for old, copy in pairs:
-        if copy is not old and old.weights:
-            copy.set_weights(old.get_weights())
+        if copy is old or not old.weights:
+            continue
+        weights = old.get_weights()
+        offsets = planned.get(id(copy), (None, None, None))[2]
+        if offsets is not None:
+            # The 3x3 taps where the 5x5 kernel, padded by 2, reads the
+            # pixels the 3x3 one read; the other taps are zero.
+            top, left = offsets
+            kernel = np.zeros((5, 5, *weights[0].shape[2:]), weights[0].dtype)
+            kernel[top : top + 3, left : left + 3] = weights[0]
+            weights[0] = kernel
+        copy.set_weights(weights)
     return new
+
+
+def _is_3x3_stride_2_depthwise(layer):
+    return (
+        type(layer) is keras.layers.DepthwiseConv2D
+        and tuple(layer.kernel_size) == (3, 3)
+        and tuple(layer.strides) == (2, 2)
+        and tuple(layer.dilation_rate) == (1, 1)
+    )
+
+
+def _embedding(size, pads):
+    """Where a 3x3 stride-2 kernel padded by `pads` ((before, after) per
+    axis) sits in a 5x5 one padded by 2 on each side computing the same,
+    as (top, left); None if nowhere or if `pads` is symmetric already.
+
+    The 5x5 kernel reads pixel `2 * i + k - 2` with tap `k`, the 3x3 one
+    pixel `2 * i + m - before` with tap `m`: tap `m` moves to
+    `k = m + 2 - before`. Both read zeros outside the image, so they agree
+    wherever they give as many outputs.
+    """
+    if size is None or all(tuple(p) == (1, 1) for p in pads):
+        return None
+    offsets = []
+    for n, (before, after) in zip(size, pads):
+        if (before, after) not in ((0, 1), (1, 1)):
+            return None
+        if (n + before + after - 3) // 2 != (n - 1) // 2:
+            return None  # another number of outputs
+        offsets.append(2 - before)
+    return tuple(offsets)
