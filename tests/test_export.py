@@ -360,3 +360,33 @@ def test_xnnpack_sparse_problems_explains_each_broken_rule(tmp_path):
     kprune.export_litert(model, dense)
     (no_sparse, *_) = kprune.export.xnnpack_sparse_problems(dense)
     assert "No float32 weight is stored in TFLite's sparse format" in no_sparse
+
+
+@requires_tensorflow
+def test_depthwise_5x5_rewrite_exports_to_a_sparse_ready_file(tmp_path):
+    layers = keras.layers
+    i = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, strides=2)(layers.ZeroPadding2D(1)(i))
+    x = layers.Conv2D(32, 1)(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 0 / 1
+    x = layers.Conv2D(32, 1)(x)
+    model = keras.Model(i, layers.GlobalAveragePooling2D()(x))
+    model = kprune.pruning_policy.make_xnnpack_compatible(
+        model, depthwise_5x5=True
+    )
+    kprune.PruneForLatencyOnXNNPack().ensure_model_supports_pruning(model)
+    for layer in model.layers:
+        if kprune.PruneForLatencyOnXNNPack().allow_pruning(layer):
+            kernel = keras.ops.convert_to_numpy(layer.kernel)
+            cut = np.quantile(np.abs(kernel), 0.8)
+            layer.kernel.assign(np.where(np.abs(kernel) > cut, kernel, 0))
+    path = tmp_path / "model.tflite"
+    kprune.export_litert(model, path, sparse_format=True)
+    assert kprune.export.xnnpack_sparse_problems(path) == []
+    ops, values = litert_graph(path)
+    (depthwise,) = [op for op in ops if op[0] == "DEPTHWISE_CONV_2D"]
+    assert values[depthwise[1][1]].shape == (1, 5, 5, 32)
+    x = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    np.testing.assert_allclose(
+        run_litert(path, x), model.predict(x, verbose=0), atol=1e-5
+    )
