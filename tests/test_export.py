@@ -390,3 +390,23 @@ def test_depthwise_5x5_rewrite_exports_to_a_sparse_ready_file(tmp_path):
     np.testing.assert_allclose(
         run_litert(path, x), model.predict(x, verbose=0), atol=1e-5
     )
+
+
+@requires_tensorflow
+def test_xnnpack_sparse_problems_names_outside_readers_and_int8(tmp_path):
+    model = xnnpack_net(16)
+    # A feature map that is also a model output leaves the sparse part.
+    features = model.get_layer("expand").output
+    two_outputs = keras.Model(model.inputs, [model.outputs[0], features])
+    path = tmp_path / "two_outputs.tflite"
+    kprune.export_litert(two_outputs, path, sparse_format=True)
+    (problem,) = kprune.export.xnnpack_sparse_problems(path)
+    assert "CONV_2D" in problem and "as a model output" in problem
+    # Dynamic-range weights are int8: XNNPACK's sparse kernels are float.
+    path = tmp_path / "int8.tflite"
+    kprune.export_litert(
+        model, path, sparse_format=True, quantize="dynamic_range"
+    )
+    problems = kprune.export.xnnpack_sparse_problems(path)
+    assert problems
+    assert all("is not float32" in p for p in problems)

@@ -397,9 +397,11 @@ class _Graph:
         op = self.producer.get(t)
         if op is not None and op["name"] in ("DENSIFY", "DEQUANTIZE"):
             return self.zeros(op["inputs"][0])
+        size = int(np.prod(self.shape(t)))
+        if not self.data(t):
+            return 0, size  # weights computed at run time: none known zero
         dtype = "float16" if self.tensors[t].type == 1 else "float32"
         values = np.frombuffer(self.data(t), dtype=dtype)
-        size = int(np.prod(self.shape(t)))
         return size - int(np.count_nonzero(values)), size
 
     def describe(self, op):
@@ -602,17 +604,18 @@ class _Graph:
             )
         clusters = []
         for end in ends:
-            members, why = self.cluster(end, roles, producer)
+            members, why, broken = self.cluster(end, roles, producer)
             for other in clusters:
                 if other[0] & members:
                     other[0].update(members)
                     other[1].extend(why)
+                    other[2].update(broken)
                     break
             else:
-                clusters.append((members, why))
-        for members, why in clusters:
+                clusters.append((members, why, broken))
+        for cluster in clusters:
             problems.extend(
-                self.cluster_problems(members, why, nodes, consumers, roles)
+                self.cluster_problems(*cluster, nodes, consumers, roles)
             )
         return problems
 
@@ -650,9 +653,9 @@ class _Graph:
                         f"ending at {self.describe(end)}, but {reason}"
                     )
                 stack.append(source)
-        return members, why
+        return members, why, broken
 
-    def cluster_problems(self, members, why, nodes, consumers, roles):
+    def cluster_problems(self, members, why, broken, nodes, consumers, roles):
         by_index = {n["index"]: n for n in nodes}
         inside = [by_index[i] for i in sorted(members)]
         problems = list(dict.fromkeys(why))
@@ -663,7 +666,12 @@ class _Graph:
                 if self.static(t):
                     continue
                 readers = consumers.get(t, [])
-                outside = [r for r in readers if r["index"] not in members]
+                # Readers reported as broken already are not repeated.
+                outside = [
+                    r
+                    for r in readers
+                    if r["index"] not in members and r["index"] not in broken
+                ]
                 if t in self.outputs or outside:
                     whom = ", ".join(self.describe(r) for r in outside)
                     problems.append(
