@@ -298,7 +298,7 @@ def xnnpack_sparse_problems(filepath) -> list:
     runs sparse kernels only on ARM and WebAssembly, and x86 processors
     without AVX.
 
-    Needs TensorFlow (to read the file).
+    Needs TensorFlow, whose generated TFLite schema reads the file.
 
     Args:
         filepath: Path of a `.tflite` file.

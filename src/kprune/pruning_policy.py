@@ -1,8 +1,11 @@
 """`PruningPolicy`: model-wide rules on which layers may be pruned.
 
 `PruneForLatencyOnXNNPack` follows the sparse inference rules of
-TensorFlow Lite's XNNPACK delegate (its README, "Sparse Inference") the
-way tfmot 0.8.1 checks them on Keras layers.
+TensorFlow Lite's XNNPACK delegate (its README, "Sparse Inference", and
+`xnn_check_nchw_compatibility` in XNNPACK's src/subgraph.c) on Keras
+layers, as tfmot 0.8.1 does, and lists every rule a model breaks.
+`make_xnnpack_compatible` rewrites strided "same" padding into the
+symmetric form those rules need, where that computes the same function.
 """
 
 import abc
