@@ -393,6 +393,7 @@ def test_depthwise_5x5_rewrite_exports_to_a_sparse_ready_file(tmp_path):
 
 
 @requires_tensorflow
+@pytest.mark.slow
 def test_xnnpack_sparse_problems_names_outside_readers_and_int8(tmp_path):
     model = xnnpack_net(16)
     # A feature map that is also a model output leaves the sparse part.
