@@ -171,13 +171,21 @@ def test_fit_prunes_the_1x1_convolutions_to_the_final_sparsity():
 
 @pytest.mark.slow
 @requires_tensorflow
-def test_sparse_tflite_file_densifies_exactly_the_1x1_convolutions():
+def test_sparse_tflite_file_densifies_exactly_the_1x1_convolutions(
+    tmp_path,
+):
     import tensorflow as tf
 
     stripped, x = fit_guide_model()
     converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
     converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     content = converter.convert()
+    # The guide's model, pruned to 75% under the policy, follows XNNPACK's
+    # sparse rules in the file too.
+    (tmp_path / "guide.tflite").write_bytes(content)
+    assert (
+        kprune.export.xnnpack_sparse_problems(tmp_path / "guide.tflite") == []
+    )
 
     report = io.StringIO()
     with contextlib.redirect_stdout(report):
@@ -222,10 +230,12 @@ def no_zero_padding():
     return functional(i, layers.GlobalAveragePooling2D()(x))
 
 
-def stem_with(shape=(8, 8, 3), pad=1, kernel=3, strides=2):
+def stem_with(shape=(8, 8, 3), pad=1, kernel=3, strides=2, dilation=1):
     i = keras.Input(shape)
     x = layers.ZeroPadding2D(pad)(i)
-    x = layers.Conv2D(8, kernel, strides=strides, name="first")(x)
+    x = layers.Conv2D(
+        8, kernel, strides=strides, dilation_rate=dilation, name="first"
+    )(x)
     x = layers.Conv2D(8, 1)(x)
     return functional(i, layers.GlobalAveragePooling2D()(x))
 
@@ -373,6 +383,36 @@ REFUSED = {
         lambda: middle(keras.ops.tanh),
         MIDDLE,
         ["Tanh", "not supported"],
+    ),
+    "subtraction between (XNNPACK runs only + and * sparse)": (
+        lambda: middle(lambda x: x - layers.Conv2D(8, 1)(x)),
+        MIDDLE,
+        ["Subtract", "not supported"],
+    ),
+    "ZeroPadding2D before a 1x1 convolution": (
+        lambda: middle(
+            layers.ZeroPadding2D(1, name="pad"), layers.Conv2D(8, 1)
+        ),
+        MIDDLE,
+        ["'pad' (ZeroPadding2D)", "only folded into a `DepthwiseConv2D"],
+    ),
+    "batch normalization after an Add (not folded)": (
+        lambda: middle(
+            lambda x: layers.Add()([x, layers.Conv2D(8, 1)(x)]),
+            layers.BatchNormalization(name="bn"),
+        ),
+        MIDDLE,
+        ["'bn' (BatchNormalization)", "right after a `Conv2D`"],
+    ),
+    "stem with padding='same' at stride 2 on an even input": (
+        no_zero_padding,
+        START,
+        ["'first'", "pads 0 above and 1 below", "no symmetric padding"],
+    ),
+    "stem conv dilated": (
+        lambda: stem_with(strides=1, dilation=2),
+        START,
+        ["'first'", "dilation_rate=(2, 2)"],
     ),
 }
 
@@ -574,7 +614,6 @@ def test_tensor_arithmetic_between_is_accepted():
     x = stem(i, filters=16)
     residual = layers.Conv2D(16, 1, name="pointwise")(x)
     x = x + residual
-    x = x - residual
     x = keras.ops.relu(x * residual)
     model = functional(i, layers.GlobalAveragePooling2D()(x))
     assert wrapped_names(prune(model)) == ["pointwise"]
@@ -669,3 +708,245 @@ def test_layer_without_a_config_is_named():
     model = functional(i, Apply(lambda t: 2 * t)(x))
     with pytest.raises(ValueError, match="'apply' \\(Apply\\) has no config"):
         prune(model)
+
+
+def mobilenet_v2_like(size=32):
+    """Breaks four rules: the stem and a depthwise layer use "same"
+    padding at stride 2, a max pooling sits in between and an output
+    branch has no global average pooling."""
+    i = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(i)
+    x = layers.Conv2D(16, 1, name="expand")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(x)
+    x = layers.MaxPooling2D(2, name="maxpool")(x)
+    x = layers.Conv2D(8, 1, name="project")(x)
+    head = layers.Dense(2, name="head")(layers.GlobalAveragePooling2D()(x))
+    side = layers.Flatten(name="side")(x)
+    return keras.Model(i, [head, side])
+
+
+def test_every_broken_rule_is_listed_with_its_layer():
+    with pytest.raises(ValueError) as info:
+        prune(mobilenet_v2_like())
+    message = str(info.value)
+    assert "(4 problems)" in message
+    lines = message.splitlines()[1:]
+    assert len(lines) == 4
+    (start,) = [line for line in lines if START in line]
+    assert "'stem'" in start and "pads 0 above and 1 below" in start
+    assert any("'dw'" in line and MIDDLE in line for line in lines)
+    assert any("'maxpool'" in line and MIDDLE in line for line in lines)
+    (end,) = [line for line in lines if END in line]
+    assert "'side'" in end
+
+
+def test_symmetric_same_padding_points_to_the_rewrite():
+    # On odd sizes, "same" pads a 3x3 stride-2 layer by 1 on each side.
+    with pytest.raises(ValueError) as info:
+        prune(mobilenet_v2_like(size=33))
+    message = str(info.value)
+    assert "pads 1 above and below" in message
+    assert "make_xnnpack_compatible" in message
+
+
+# `kprune.pruning_policy.make_xnnpack_compatible`.
+
+
+def strided_same_net(size):
+    """MobileNetV2-like: "same" padding at stride 2 in the stem and in a
+    3x3 and a 5x5 depthwise layer; otherwise within XNNPACK's rules."""
+    i = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(i)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU(6.0)(x)
+    x = layers.Conv2D(16, 1, name="expand")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw3")(x)
+    x = layers.DepthwiseConv2D(5, strides=2, padding="same", name="dw5")(x)
+    x = layers.Conv2D(8, 1, name="project")(x)
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    return keras.Model(i, layers.Dense(2)(layers.Flatten()(x)))
+
+
+def make_compatible(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = kprune.pruning_policy.make_xnnpack_compatible(model, **kwargs)
+    notes = [str(w.message) for w in caught if "make_xnnpack" in str(w.message)]
+    return new, notes
+
+
+def test_symmetric_same_padding_is_rewritten_with_identical_outputs():
+    # 33 -> 17 -> 9: "same" pads 1 (3x3) and 2 (5x5) on each side.
+    model = strided_same_net(33)
+    new, notes = make_compatible(model)
+    assert not notes
+    padding = {
+        layer.name: layer.padding
+        for layer in new.layers
+        if isinstance(layer, layers.ZeroPadding2D)
+    }
+    assert padding == {
+        "stem_pad": ((1, 1), (1, 1)),
+        "dw3_pad": ((1, 1), (1, 1)),
+        "dw5_pad": ((2, 2), (2, 2)),
+    }
+    for name in ("stem", "dw3", "dw5"):
+        assert new.get_layer(name).padding == "valid"
+        assert model.get_layer(name).padding == "same"  # input untouched
+    x = np.random.default_rng(0).normal(size=(4, 33, 33, 3))
+    x = x.astype("float32")
+    np.testing.assert_array_equal(
+        new.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert wrapped_names(prune(new)) == ["expand", "project"]
+
+
+def test_asymmetric_same_padding_is_kept_and_named():
+    # 32 -> 16 -> 8: TensorFlow pads 0 above, 1 below (3x3; 1 and 2 for
+    # 5x5), which no symmetric padding reproduces.
+    model = strided_same_net(32)
+    new, notes = make_compatible(model)
+    (note,) = notes
+    for name in ("'stem' (Conv2D)", "'dw3' (DepthwiseConv2D)", "'dw5'"):
+        assert name in note
+    assert "32x32 input, padding='same' pads 0 above and 1 below" in note
+    assert "8x8 input, padding='same' pads 1 above and 2 below" in note
+    assert not any(isinstance(la, layers.ZeroPadding2D) for la in new.layers)
+    x = np.random.default_rng(0).random((2, 32, 32, 3), np.float32)
+    np.testing.assert_array_equal(
+        new.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    with pytest.raises(ValueError, match="3 problems"):
+        prune(new)
+
+
+def test_rewrite_copies_the_weights():
+    model = strided_same_net(33)
+    new, _ = make_compatible(model)
+    for name in ("stem", "dw3", "expand"):
+        old_layer, new_layer = model.get_layer(name), new.get_layer(name)
+        assert new_layer is not old_layer
+        for old, copy in zip(old_layer.weights, new_layer.weights):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(old),
+                keras.ops.convert_to_numpy(copy),
+            )
+    kernel = new.get_layer("expand").kernel
+    kernel.assign(np.zeros(kernel.shape, "float32"))
+    assert np.any(keras.ops.convert_to_numpy(model.get_layer("expand").kernel))
+
+
+def test_sequential_and_nested_models_are_rewritten():
+    inner = keras.Sequential(
+        [
+            keras.Input((9, 9, 8)),
+            layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw"),
+            layers.Conv2D(8, 1),
+        ]
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((17, 17, 3)),
+            layers.Conv2D(8, 3, strides=2, padding="same", name="stem"),
+            inner,
+            layers.GlobalAveragePooling2D(),
+        ]
+    )
+    new, notes = make_compatible(model)
+    assert not notes
+    x = np.random.default_rng(1).random((2, 17, 17, 3), np.float32)
+    np.testing.assert_array_equal(
+        new.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert len(wrapped_names(prune(new))) == 1
+
+
+def test_make_xnnpack_compatible_refuses_subclassed_models():
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="Sequential or functional"):
+        kprune.pruning_policy.make_xnnpack_compatible(Net())
+
+
+def asymmetric_depthwise_net(height=16, width=16):
+    """Within XNNPACK's rules but for two 3x3 stride-2 depthwise layers
+    padded 0 before and 1 after: "same" on an even size, and an explicit
+    `ZeroPadding2D` as in `keras.applications.MobileNetV2`."""
+    i = keras.Input((height, width, 3))
+    x = layers.Conv2D(8, 3, strides=2, name="stem")(layers.ZeroPadding2D(1)(i))
+    x = layers.Conv2D(16, 1, name="expand")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw_same")(x)
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)), name="dw_pad")(x)
+    x = layers.DepthwiseConv2D(3, strides=2, name="dw_explicit")(x)
+    x = layers.Conv2D(8, 1, name="project")(x)
+    return keras.Model(i, layers.GlobalAveragePooling2D()(x))
+
+
+# (16, 14): "dw_same" reads 8x7 pixels, so pads (0, 1) and (1, 1).
+@pytest.mark.parametrize("height, width", [(16, 16), (16, 14)])
+def test_depthwise_5x5_rewrites_asymmetric_padding_with_equal_outputs(
+    height, width
+):
+    model = asymmetric_depthwise_net(height, width)
+    with pytest.raises(ValueError, match="2 problems") as info:
+        prune(model)
+    for line in str(info.value).splitlines()[1:]:
+        assert "make_xnnpack_compatible(model, depthwise_5x5=True)" in line
+    _, notes = make_compatible(model)
+    assert "'dw_same'" in notes[0] and "depthwise_5x5=True" in notes[0]
+    new, notes = make_compatible(model, depthwise_5x5=True)
+    assert not notes  # nothing is left
+    for name in ("dw_same", "dw_explicit"):
+        layer = new.get_layer(name)
+        assert tuple(layer.kernel_size) == (5, 5)
+        assert layer.padding == "valid"
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        old = keras.ops.convert_to_numpy(model.get_layer(name).kernel)
+        # The 3x3 taps sit where the 5x5 kernel reads the same pixels: one
+        # row (column) lower where "same" pads 1 before, on odd sizes.
+        _, rows, cols, _ = model.get_layer(name).input.shape
+        top = 1 if name == "dw_same" and rows % 2 else 2
+        left = 1 if name == "dw_same" and cols % 2 else 2
+        np.testing.assert_array_equal(
+            kernel[top : top + 3, left : left + 3], old
+        )
+        assert np.count_nonzero(kernel) == np.count_nonzero(old)
+    assert new.get_layer("dw_pad").padding == ((2, 2), (2, 2))
+    assert model.get_layer("dw_pad").padding == ((0, 1), (0, 1))
+    x = np.random.default_rng(0).normal(size=(4, height, width, 3))
+    x = x.astype("float32")
+    np.testing.assert_allclose(
+        new.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    assert wrapped_names(prune(new)) == ["expand", "project"]
+
+
+@pytest.mark.slow
+def test_keras_mobilenet_v2_is_rewritten_but_for_its_stem_on_even_sizes():
+    def problems(model):
+        with pytest.raises(ValueError) as info:
+            prune(model)
+        return str(info.value).splitlines()[1:]
+
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), weights=None, classes=10
+    )
+    # The stem and the four stride-2 blocks pad 0 before and 1 after.
+    assert len(problems(model)) == 5
+    new, notes = make_compatible(model)
+    assert len(problems(new)) == 5
+    new = kprune.pruning_policy.make_xnnpack_compatible(
+        model, depthwise_5x5=True
+    )
+    (stem,) = problems(new)
+    assert "'Conv1'" in stem and "pads 0 above and 1 below" in stem
+    # On odd sizes every stride-2 layer pads 1 on each side.
+    model = keras.applications.MobileNetV2(
+        input_shape=(33, 33, 3), weights=None, classes=10
+    )
+    new, notes = make_compatible(model)
+    assert not notes
+    pointwise = [la for la in new.layers if POLICY().allow_pruning(la)]
+    assert len(wrapped_names(prune(new))) == len(pointwise) == 34

@@ -3,10 +3,10 @@
 A drop-in for `tfmot.sparsity.keras`: its names, with the same arguments,
 are at the top level. What kprune adds lives in one module per concern:
 `kprune.allocation`, `kprune.structured`, `kprune.sensitivity`,
-`kprune.export`, `kprune.compression`, `kprune.report`, `kprune.plots` and
-`kprune.registry`. Each name is declared once, with `@kprune_export` (see
-`kprune.api_export`), which builds every `__all__` and registers the
-classes that serialize.
+`kprune.export`, `kprune.compression`, `kprune.report`, `kprune.plots`,
+`kprune.pruning_policy` and `kprune.registry`. Each name is declared
+once, with `@kprune_export` (see `kprune.api_export`), which builds every
+`__all__` and registers the classes that serialize.
 """
 
 from kprune import allocation
@@ -14,6 +14,7 @@ from kprune import api_export
 from kprune import compression
 from kprune import export
 from kprune import plots
+from kprune import pruning_policy
 from kprune import registry
 from kprune import report
 from kprune import sensitivity

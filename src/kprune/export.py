@@ -3,6 +3,7 @@
 import os
 
 import keras
+import numpy as np
 
 from kprune.api_export import kprune_export
 from kprune.compression import _plain_model
@@ -35,7 +36,16 @@ def export_litert(
     worse than zeros, so zipped it is up to 35% larger with dynamic
     range quantization and within 10% either way in float32; and the
     runtime densifies the weights when it loads the model (a `DENSIFY`
-    op), so inference is no faster. With TensorFlow 2.21, a file both
+    op), so inference is no faster, except in one case: the `DENSIFY` ops
+    are what makes XNNPACK try its sparse inference, which runs a
+    convolutional network that follows its rules (see
+    `kprune.PruneForLatencyOnXNNPack`) faster on ARM CPUs. For that path
+    the file also keeps explicit padding: the converter folds
+    `ZeroPadding2D` + `padding="valid"` into strided "SAME" padding where
+    they compute the same, which XNNPACK runs dense, so this function
+    turns each such convolution back into a `PAD` and a "VALID"
+    convolution (same outputs). Check the file with
+    `kprune.export.xnnpack_sparse_problems`. With TensorFlow 2.21, a file both
     sparse and dynamic-range quantized fails to prepare under the default
     XNNPACK delegate; run it with `experimental_op_resolver_type=
     tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`
@@ -51,7 +61,8 @@ def export_litert(
             also quantize weights to int8 (`tf.lite.Optimize.DEFAULT`
             without a representative dataset: activations stay float).
         sparse_format: Whether to store sparse weights in TFLite's sparse
-            tensor format (smaller unzipped, larger zipped; see above).
+            tensor format (smaller unzipped, larger zipped, and needed by
+            XNNPACK's sparse inference; see above).
         **kwargs: Other LiteRT converter settings, passed to
             `model.export` (for example `representative_dataset`).
             `optimizations` is set by this function.
@@ -118,3 +129,573 @@ def export_litert(
         optimizations=optimizations,
         **kwargs,
     )
+    if sparse_format:
+        _unfold_symmetric_padding(filepath)
+
+
+def _unfold_symmetric_padding(filepath):
+    """Turns strided "SAME" convolutions back into a `PAD` and a "VALID"
+    convolution where the padding is the same on each side.
+
+    The converter folds `ZeroPadding2D` + `padding="valid"` into "SAME"
+    padding wherever they compute the same (odd input sizes at stride 2),
+    but XNNPACK keeps strided "SAME" padding implicit, which its sparse
+    inference refuses, while it folds an explicit zero `PAD` into the
+    convolution as padding on each side, which it accepts. The outputs
+    are identical.
+    """
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    with open(filepath, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    graph = model.subgraphs[0]
+    ops = schema.BuiltinOperator
+    code_of = {
+        i: max(c.builtinCode, c.deprecatedBuiltinCode)
+        for i, c in enumerate(model.operatorCodes)
+    }
+    pad_code = None
+    operators, changed = [], False
+    for op in graph.operators:
+        padding = None
+        if code_of[op.opcodeIndex] in (ops.CONV_2D, ops.DEPTHWISE_CONV_2D):
+            padding = _symmetric_same_padding(graph, op, schema)
+        if padding is None:
+            operators.append(op)
+            continue
+        if not np.any(padding):  # "SAME" pads nothing here: "VALID"
+            op.builtinOptions.padding = schema.Padding.VALID
+            operators.append(op)
+            changed = True
+            continue
+        if pad_code is None:
+            pad_code = next(
+                (i for i, c in code_of.items() if c == ops.PAD), None
+            )
+            if pad_code is None:
+                code = schema.OperatorCodeT()
+                code.builtinCode = code.deprecatedBuiltinCode = ops.PAD
+                code.version = 1
+                model.operatorCodes.append(code)
+                pad_code = len(model.operatorCodes) - 1
+        source = graph.tensors[op.inputs[0]]
+        amounts = schema.BufferT()
+        amounts.data = np.array(
+            [[0, 0], padding[0], padding[1], [0, 0]], "int32"
+        ).tobytes()
+        model.buffers.append(amounts)
+        paddings = schema.TensorT()
+        paddings.shape = np.array([4, 2], "int32")
+        paddings.type = schema.TensorType.INT32
+        paddings.buffer = len(model.buffers) - 1
+        paddings.name = source.name + b"/xnnpack_paddings"
+        padded = schema.TensorT()
+        grow = np.array([0, sum(padding[0]), sum(padding[1]), 0], "int32")
+        padded.shape = np.asarray(source.shape, "int32") + grow
+        if source.shapeSignature is not None:
+            signature = np.asarray(source.shapeSignature, "int32")
+            padded.shapeSignature = np.where(
+                signature < 0, -1, signature + grow
+            )
+        padded.type = source.type
+        padded.buffer = 0  # the empty buffer, as for any activation
+        padded.name = source.name + b"/xnnpack_pad"
+        graph.tensors.extend([paddings, padded])
+        pad = schema.OperatorT()
+        pad.opcodeIndex = pad_code
+        pad.inputs = np.array([op.inputs[0], len(graph.tensors) - 2], "int32")
+        pad.outputs = np.array([len(graph.tensors) - 1], "int32")
+        pad.builtinOptionsType = schema.BuiltinOptions.PadOptions
+        pad.builtinOptions = schema.PadOptionsT()
+        op.inputs[0] = len(graph.tensors) - 1
+        op.builtinOptions.padding = schema.Padding.VALID
+        operators.extend([pad, op])
+        changed = True
+    if not changed:
+        return
+    graph.operators = operators
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    with open(filepath, "wb") as f:
+        f.write(builder.Output())
+
+
+def _symmetric_same_padding(graph, op, schema):
+    """((top, bottom), (left, right)) of a strided "SAME" convolution whose
+    padding is the same on each side, else None."""
+    options = op.builtinOptions
+    strides = (options.strideH, options.strideW)
+    if options.padding != schema.Padding.SAME or strides == (1, 1):
+        return None
+    source = graph.tensors[op.inputs[0]]
+    shape = [int(n) for n in source.shape]
+    kernel = [int(n) for n in graph.tensors[op.inputs[1]].shape[1:3]]
+    dilations = (options.dilationHFactor, options.dilationWFactor)
+    if len(shape) != 4:
+        return None
+    signature = source.shapeSignature
+    if signature is not None and min(int(n) for n in signature[1:3]) < 0:
+        return None  # height or width set at run time
+    padding = []
+    for size, k, stride, dilation in zip(
+        shape[1:3], kernel, strides, dilations
+    ):
+        extent = (k - 1) * dilation + 1
+        total = max((-(-size // stride) - 1) * stride + extent - size, 0)
+        if total % 2:
+            return None
+        padding.append([total // 2, total // 2])
+    return padding
+
+
+# TFLite operators XNNPACK runs elementwise in its sparse (CHW) layout on
+# 4-D tensors; this is the set every XNNPACK version since 2020 accepts.
+_XNNPACK_SPARSE_UNARY = {
+    "ABS",
+    "CEIL",
+    "ELU",
+    "FLOOR",
+    "HARD_SWISH",
+    "LEAKY_RELU",
+    "LOGISTIC",
+    "NEG",
+    "RELU",
+    "RELU6",
+    "RELU_N1_TO_1",
+    "ROUND",
+    "SQUARE",
+}
+
+# What a node does in XNNPACK's sparse rewrite: run in the sparse layout,
+# turn the dense layout into it (the start convolution), or end it.
+_IN, _START, _END = 1, 2, 4
+
+
+@kprune_export("kprune.export")
+def xnnpack_sparse_problems(filepath) -> list:
+    """Lists why XNNPACK would not run a LiteRT file on its sparse path.
+
+    TensorFlow Lite's XNNPACK delegate runs part of a convolutional
+    network in a sparse, channels-first layout ("Fast Sparse ConvNets")
+    when the file asks for it and the graph follows its rules. This reads
+    the file's main graph and checks those rules as XNNPACK does (its
+    `xnn_check_nchw_compatibility` and `xnn_subgraph_rewrite_for_nchw`):
+
+    - some weight is stored in TFLite's sparse format (read through a
+      `DENSIFY` operator), without which the delegate never tries;
+    - each sparse part starts at a float32 `CONV_2D` with a 3x3 kernel,
+      stride 2, padding 1 on each side (a zero `PAD` folded into it) and
+      3 input channels, and ends at a `MEAN` over height and width;
+    - in between are only float32 1x1 `CONV_2D` (stride 1, no padding, no
+      groups), 3x3 or 5x5 `DEPTHWISE_CONV_2D` (stride 1 or 2, padding 1
+      or 2 on each side, depth multiplier 1), `ADD` and `MUL` of two 4-D
+      tensors, elementwise activations, `RESIZE_BILINEAR` and other
+      `MEAN`s, and no tensor in it is read from outside it;
+    - more than 2/3 of the weights of its 1x1 convolutions are zero.
+
+    It cannot tell whether a device's runtime takes the path: XNNPACK
+    runs sparse kernels only on ARM and WebAssembly, and x86 processors
+    without AVX.
+
+    Needs TensorFlow, whose generated TFLite schema reads the file.
+
+    Args:
+        filepath: Path of a `.tflite` file.
+
+    Returns:
+        A list of strings, one per broken rule, naming the operator (its
+        index, type and output tensor); empty if XNNPACK would run every
+        sparse part of the file sparse.
+
+    Example:
+
+    ```python
+    kprune.export.export_litert(model, "model.tflite", sparse_format=True)
+    for problem in kprune.export.xnnpack_sparse_problems("model.tflite"):
+        print(problem)
+    ```
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    with open(os.fspath(filepath), "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    return _Graph(model, schema).problems()
+
+
+class _Graph:
+    """The main graph of a `.tflite` file, as XNNPACK's delegate sees it."""
+
+    def __init__(self, model, schema):
+        self.schema = schema
+        self.model = model
+        graph = model.subgraphs[0]
+        self.tensors = graph.tensors
+        self.outputs = set(int(t) for t in graph.outputs)
+        codes = {
+            value: name
+            for name, value in vars(schema.BuiltinOperator).items()
+            if not name.startswith("_")
+        }
+        self.ops = []
+        for index, op in enumerate(graph.operators):
+            code = model.operatorCodes[op.opcodeIndex]
+            self.ops.append(
+                {
+                    "index": index,
+                    "name": codes.get(
+                        max(code.builtinCode, code.deprecatedBuiltinCode),
+                        "CUSTOM",
+                    ),
+                    "inputs": [int(t) for t in op.inputs if t >= 0],
+                    "outputs": [int(t) for t in op.outputs],
+                    "options": op.builtinOptions,
+                }
+            )
+        self.producer = {t: op for op in self.ops for t in op["outputs"]}
+        self.consumers = {}
+        for op in self.ops:
+            for t in dict.fromkeys(op["inputs"]):
+                self.consumers.setdefault(t, []).append(op)
+
+    # Tensors.
+
+    def data(self, t):
+        buffer = self.model.buffers[self.tensors[t].buffer]
+        return None if buffer.data is None else bytes(buffer.data)
+
+    def static(self, t):
+        """Whether tensor `t` is a constant (also once densified)."""
+        if self.data(t):
+            return True
+        op = self.producer.get(t)
+        return (
+            op is not None
+            and op["name"] in ("DENSIFY", "DEQUANTIZE")
+            and self.static(op["inputs"][0])
+        )
+
+    def shape(self, t):
+        return [int(n) for n in self.tensors[t].shape]
+
+    def is_float(self, t):
+        types = self.schema.TensorType
+        return self.tensors[t].type in (types.FLOAT32, types.FLOAT16)
+
+    def sparse_weights(self):
+        """Outputs of `DENSIFY` ops reading a sparse float constant."""
+        return {
+            op["outputs"][0]
+            for op in self.ops
+            if op["name"] == "DENSIFY"
+            and self.tensors[op["inputs"][0]].sparsity is not None
+            and self.is_float(op["inputs"][0])
+        }
+
+    def zeros(self, t):
+        """(zeros, values) of constant weight `t`, stored dense or sparse."""
+        op = self.producer.get(t)
+        if op is not None and op["name"] in ("DENSIFY", "DEQUANTIZE"):
+            return self.zeros(op["inputs"][0])
+        size = int(np.prod(self.shape(t)))
+        if not self.data(t):
+            return 0, size  # weights computed at run time: none known zero
+        dtype = "float16" if self.tensors[t].type == 1 else "float32"
+        values = np.frombuffer(self.data(t), dtype=dtype)
+        return size - int(np.count_nonzero(values)), size
+
+    def describe(self, op):
+        out = self.tensors[op["outputs"][0]].name
+        out = out.decode() if isinstance(out, bytes) else out
+        return f"operator #{op['index']} {op['name']} (output {out!r})"
+
+    # Nodes.
+
+    def nodes(self):
+        """The XNNPACK nodes: each op but those unpacking constants, with
+        a zero `PAD` folded into the convolution it alone feeds."""
+        nodes, folded = [], {}
+        for op in self.ops:
+            if op["name"] in ("DENSIFY", "DEQUANTIZE") and self.static(
+                op["outputs"][0]
+            ):
+                continue
+            node = dict(op)
+            if op["name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+                node["padding"] = self.conv_padding(op)
+                pad = self.producer.get(op["inputs"][0])
+                if (
+                    pad is not None
+                    and node["padding"] is not None
+                    and self.foldable_pad(pad)
+                ):
+                    (top, bottom), (left, right) = self.pad_amounts(pad)[1:3]
+                    t, b, l_, r = node["padding"]
+                    node["padding"] = (
+                        t + top,
+                        b + bottom,
+                        l_ + left,
+                        r + right,
+                    )
+                    node["inputs"] = [pad["inputs"][0], *op["inputs"][1:]]
+                    folded[pad["index"]] = node
+            nodes.append(node)
+        nodes = [n for n in nodes if n["index"] not in folded]
+        return nodes
+
+    def conv_padding(self, op):
+        """(top, bottom, left, right), or None for TensorFlow "SAME"
+        padding at a stride above 1 (which XNNPACK keeps implicit)."""
+        options = op["options"]
+        if options.padding == self.schema.Padding.VALID:
+            return (0, 0, 0, 0)
+        if (options.strideH, options.strideW) != (1, 1):
+            return None
+        _, kh, kw, _ = self.shape(op["inputs"][1])
+        ph = (kh - 1) * options.dilationHFactor
+        pw = (kw - 1) * options.dilationWFactor
+        return (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+
+    def pad_amounts(self, pad):
+        """The `PAD`'s [[before, after]] for each axis."""
+        t = pad["inputs"][1]
+        int64 = self.tensors[t].type == self.schema.TensorType.INT64
+        dtype = "int64" if int64 else "int32"
+        return np.frombuffer(self.data(t), dtype).reshape(-1, 2).tolist()
+
+    def foldable_pad(self, pad):
+        """Whether XNNPACK folds `pad` into the convolution it feeds."""
+        if pad["name"] != "PAD" or not self.data(pad["inputs"][1]):
+            return False
+        if len(self.consumers.get(pad["outputs"][0], [])) != 1:
+            return False
+        if pad["outputs"][0] in self.outputs:
+            return False
+        amounts = self.pad_amounts(pad)
+        return len(amounts) == 4 and amounts[0] == amounts[3] == [0, 0]
+
+    def role(self, node):
+        """(what the node does in the sparse layout, why not if nothing)."""
+        inputs = node["inputs"]
+        if node["name"] in ("MEAN", "RESIZE_BILINEAR", "PAD", "RESHAPE"):
+            inputs = inputs[:1]  # the others are parameters, not values
+        if not all(self.is_float(t) for t in inputs + node["outputs"]):
+            return 0, "it is not float32 (quantized weights or activations)"
+        name = node["name"]
+        if name == "CONV_2D":
+            return self.conv_role(node)
+        if name == "DEPTHWISE_CONV_2D":
+            return self.depthwise_role(node)
+        if name == "MEAN":
+            axes = np.frombuffer(self.data(node["inputs"][1]) or b"", "int32")
+            rank = len(self.shape(node["inputs"][0]))
+            if rank == 4 and sorted(axes % 4) == [1, 2]:
+                return _IN | _END, None
+            return 0, "only a MEAN over height and width of a 4-D tensor"
+        if name in ("ADD", "MUL"):
+            if all(len(self.shape(t)) == 4 for t in node["inputs"]):
+                return _IN, None
+            return 0, (
+                f"{name} runs sparse only on two 4-D tensors; it has inputs "
+                f"of shapes {[self.shape(t) for t in node['inputs']]} (a "
+                "BatchNormalization that no convolution absorbs, or a "
+                "product with a scalar)"
+            )
+        if name in _XNNPACK_SPARSE_UNARY:
+            if len(self.shape(node["inputs"][0])) == 4:
+                return _IN, None
+            return 0, f"{name} runs sparse only on a 4-D tensor"
+        if name == "RESIZE_BILINEAR":
+            if min(self.shape(node["inputs"][0])[1:3]) > 1:
+                return _IN, None
+            return 0, "RESIZE_BILINEAR runs sparse only on inputs above 1x1"
+        if name == "DEPTH_TO_SPACE":
+            return _END, None
+        return 0, f"XNNPACK has no sparse {name}"
+
+    def conv_role(self, node):
+        options = node["options"]
+        _, kh, kw, in_channels = self.shape(node["inputs"][1])
+        channels = self.shape(node["inputs"][0])[-1]
+        strides = (options.strideH, options.strideW)
+        if channels != in_channels:
+            return 0, "a grouped convolution"
+        if (options.dilationHFactor, options.dilationWFactor) != (1, 1):
+            return 0, "a dilated convolution"
+        padding = node["padding"]
+        if padding is None:
+            padding_text = "TensorFlow 'SAME' padding at stride 2"
+        else:
+            padding_text = (
+                "padding {} above, {} below, {} left, {} right".format(*padding)
+            )
+        if (kh, kw) == (1, 1):
+            if strides == (1, 1) and padding == (0, 0, 0, 0):
+                return _IN, None
+            return 0, (
+                f"a 1x1 convolution with strides {strides} and "
+                f"{padding_text} (needs stride 1, no padding)"
+            )
+        if (kh, kw) == (3, 3):
+            problems = []
+            if padding != (1, 1, 1, 1):
+                problems.append(f"{padding_text}, not 1 on each side")
+            if strides != (2, 2):
+                problems.append(f"strides {strides}, not 2")
+            if in_channels != 3:
+                problems.append(f"{in_channels} input channels, not 3")
+            if not problems:
+                return _START, None
+            return 0, "a 3x3 convolution with " + "; ".join(problems)
+        return 0, f"a {kh}x{kw} convolution (only 1x1, or the 3x3 start)"
+
+    def depthwise_role(self, node):
+        options = node["options"]
+        _, kh, kw, out_channels = self.shape(node["inputs"][1])
+        channels = self.shape(node["inputs"][0])[-1]
+        strides = (options.strideH, options.strideW)
+        padding = node["padding"]
+        problems = []
+        if (options.dilationHFactor, options.dilationWFactor) != (1, 1):
+            problems.append("dilation")
+        if out_channels != channels:
+            problems.append(f"depth multiplier {out_channels // channels}")
+        if strides not in ((1, 1), (2, 2)):
+            problems.append(f"strides {strides}")
+        if (kh, kw) not in ((3, 3), (5, 5)):
+            problems.append(f"a {kh}x{kw} kernel (only 3x3 or 5x5)")
+        elif padding is None:
+            problems.append("TensorFlow 'SAME' padding at stride 2")
+        elif padding != (kh // 2,) * 4:
+            problems.append(
+                "padding {} above, {} below, {} left, {} right".format(*padding)
+                + f", not {kh // 2} on each side"
+            )
+        if problems:
+            return 0, "a depthwise convolution with " + "; ".join(problems)
+        return _IN, None
+
+    # The sparse parts.
+
+    def problems(self):
+        problems = []
+        if not self.sparse_weights():
+            problems.append(
+                "No float32 weight is stored in TFLite's sparse format (no "
+                "DENSIFY operator reads one), so the XNNPACK delegate never "
+                "tries sparse inference: export with "
+                "`kprune.export.export_litert(..., sparse_format=True)` "
+                "(`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`), without "
+                "quantization, from a model whose 1x1 convolutions are "
+                "pruned."
+            )
+        nodes = self.nodes()
+        roles = {n["index"]: self.role(n) for n in nodes}
+        producer = {t: n for n in nodes for t in n["outputs"]}
+        consumers = {}
+        for n in nodes:
+            for t in dict.fromkeys(n["inputs"]):
+                consumers.setdefault(t, []).append(n)
+        ends = [n for n in nodes if roles[n["index"]][0] & _END]
+        if not ends:
+            problems.append(
+                "No MEAN over height and width (a GlobalAveragePooling2D) "
+                "ends a sparse part: XNNPACK runs the whole file dense."
+            )
+        clusters = []
+        for end in ends:
+            members, why, broken = self.cluster(end, roles, producer)
+            for other in clusters:
+                if other[0] & members:
+                    other[0].update(members)
+                    other[1].extend(why)
+                    other[2].update(broken)
+                    break
+            else:
+                clusters.append((members, why, broken))
+        for cluster in clusters:
+            problems.extend(
+                self.cluster_problems(*cluster, nodes, consumers, roles)
+            )
+        return problems
+
+    def cluster(self, end, roles, producer):
+        """The nodes of the sparse part ending at `end`, and why it breaks."""
+        members, why, broken = {end["index"]}, [], set()
+        stack = [end]
+        while stack:
+            node = stack.pop()
+            if roles[node["index"]][0] == _START:
+                continue  # the start reads the dense layout
+            for t in node["inputs"]:
+                if self.static(t):
+                    continue
+                source = producer.get(t)
+                if source is None:
+                    if node["index"] not in members:
+                        continue  # an input reached past a broken node
+                    why.append(
+                        f"{self.describe(node)} reads the model input "
+                        "directly: a sparse part must start with the 3x3 "
+                        "stride-2 convolution"
+                    )
+                    continue
+                if source["index"] in members or source["index"] in broken:
+                    continue
+                role, reason = roles[source["index"]]
+                if role & (_IN | _START):
+                    members.add(source["index"])
+                else:
+                    # Followed further, so that every problem is listed.
+                    broken.add(source["index"])
+                    why.append(
+                        f"{self.describe(source)} feeds the sparse part "
+                        f"ending at {self.describe(end)}, but {reason}"
+                    )
+                stack.append(source)
+        return members, why, broken
+
+    def cluster_problems(self, members, why, broken, nodes, consumers, roles):
+        by_index = {n["index"]: n for n in nodes}
+        inside = [by_index[i] for i in sorted(members)]
+        problems = list(dict.fromkeys(why))
+        for node in inside:
+            if not roles[node["index"]][0] & (_IN | _END):
+                continue  # a start: its input is dense
+            for t in node["inputs"]:
+                if self.static(t):
+                    continue
+                readers = consumers.get(t, [])
+                # Readers reported as broken already are not repeated.
+                outside = [
+                    r
+                    for r in readers
+                    if r["index"] not in members and r["index"] not in broken
+                ]
+                if t in self.outputs or outside:
+                    whom = ", ".join(self.describe(r) for r in outside)
+                    problems.append(
+                        f"The output of {self.describe(self.producer[t])} "
+                        "is read outside its sparse part ("
+                        + (whom or "as a model output")
+                        + "): XNNPACK then runs the part dense"
+                    )
+        zeros = params = 0
+        for node in inside:
+            if node["name"] == "CONV_2D" and self.shape(node["inputs"][1])[
+                1:3
+            ] == [1, 1]:
+                z, n = self.zeros(node["inputs"][1])
+                zeros, params = zeros + z, params + n
+        last = self.describe(inside[-1])
+        if params == 0:
+            problems.append(
+                f"The sparse part ending at {last} has no 1x1 convolution."
+            )
+        elif zeros * 3 <= params * 2:
+            problems.append(
+                f"The 1x1 convolutions of the sparse part ending at {last} "
+                f"have {zeros} zero weights of {params} "
+                f"({zeros / params:.1%}): XNNPACK needs more than 2/3."
+            )
+        return list(dict.fromkeys(problems))
