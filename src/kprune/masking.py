@@ -241,8 +241,9 @@ def _top_k(values, score, compare, k):
         values: 1-D float tensor.
         score: Function from a chunk of `values` to its non-negative,
             NaN-free float scores.
-        compare: Function from `values` and the threshold score to two
-            boolean tensors: the entries scored above it and equal to it.
+        compare: Function from `values`, a threshold score and a
+            comparison (`"above"`, `"at_least"` or `"equal"`) to the boolean
+            tensor of the entries whose score compares so.
         k: Scalar int32 tensor, `1 <= k <= len(values)`.
     """
     size = values.shape[0]
@@ -250,7 +251,7 @@ def _top_k(values, score, compare, k):
         # Small enough to hold: compute the keys once, and compare keys.
         values = _keys(score(values))
         keys_of = _same
-        compare = _compare_keys
+        compare = _compare
     else:
 
         def keys_of(chunk):
@@ -260,11 +261,11 @@ def _top_k(values, score, compare, k):
     bound = key if size <= _CHUNK else ops.view(key, "float32")
 
     def keep_all_ties():
-        above, tied = compare(values, bound)
-        return ops.logical_or(above, tied)
+        return compare(values, bound, "at_least")
 
     def keep_lowest_ties():
-        above, tied = compare(values, bound)
+        above = compare(values, bound, "above")
+        tied = compare(values, bound, "equal")
         last = _last_kept_tie(values, keys_of, key, rank)
         return ops.logical_or(
             above, ops.logical_and(tied, _prefix_mask(size, last))
@@ -278,24 +279,26 @@ def _same(values):
     return values
 
 
-def _compare_keys(keys, key):
-    return ops.greater(keys, key), ops.equal(keys, key)
+# The comparisons of a score with the threshold, and their mirror images
+# for negative weights.
+_COMPARISONS = {
+    "above": (ops.greater, ops.less),
+    "at_least": (ops.greater_equal, ops.less_equal),
+    "equal": (ops.equal, ops.equal),
+}
 
 
-def _compare_scores(scores, threshold):
-    return ops.greater(scores, threshold), ops.equal(scores, threshold)
+def _compare(scores, threshold, comparison):
+    return _COMPARISONS[comparison][0](scores, threshold)
 
 
-def _compare_magnitudes(weights, threshold):
-    # |w| > t is w > t or w < -t: two boolean temporaries rather than a
+def _compare_magnitudes(weights, threshold, comparison):
+    # |w| >= t is w >= t or w <= -t: two boolean temporaries rather than a
     # full-size float one.
-    above = ops.logical_or(
-        ops.greater(weights, threshold), ops.less(weights, -threshold)
+    compare, mirrored = _COMPARISONS[comparison]
+    return ops.logical_or(
+        compare(weights, threshold), mirrored(weights, -threshold)
     )
-    tied = ops.logical_or(
-        ops.equal(weights, threshold), ops.equal(weights, -threshold)
-    )
-    return above, tied
 
 
 def top_k_mask(scores, k):
@@ -324,7 +327,7 @@ def top_k_mask(scores, k):
     array([ True, False,  True, False])
     """
     scores = ops.cast(scores, "float32")
-    return _top_k(scores, lambda chunk: chunk, _compare_scores, k)
+    return _top_k(scores, lambda chunk: chunk, _compare, k)
 
 
 def magnitude_mask(weights, sparsity):
