@@ -1,0 +1,754 @@
+"""One-shot pruning: a trained model pruned from a little calibration data.
+
+No training: each prunable layer is pruned once, in the order the model
+calls its layers, from statistics of its inputs on calibration data. The
+inputs are those the model produces with the layers before already pruned,
+as SparseGPT and Wanda do, so each layer corrects the errors of the ones
+before it. Three methods:
+
+- `"magnitude"`: the weights of smallest absolute value in each layer (the
+  baseline; needs no data).
+- `"wanda"` (Sun et al., 2023, "A Simple and Effective Pruning Approach
+  for Large Language Models"): scores `|W_ij| * ||X_j||_2`, the weight's
+  magnitude times the norm of its input over the calibration data,
+  compared within each output unit; no weight update.
+- `"sparsegpt"` (Frantar & Alistarh, 2023, "SparseGPT: Massive Language
+  Models Can Be Accurately Pruned in One-Shot"): layer-wise optimal brain
+  surgeon with the Hessian `2 X^T X / n` of the layer's inputs; the kept
+  weights are updated to reconstruct the layer's outputs.
+
+The math runs in NumPy, float64, on the host, one layer at a time (the
+largest buffer is one `in_features x in_features` Hessian), so it is the
+same on every backend.
+"""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from kprune import _keras_internals
+from kprune import masking
+from kprune.api_export import kprune_export
+from kprune.wrapper import validate_pruning_args
+
+
+def _pruned_count(size: int, sparsity: float) -> int:
+    """How many of `size` weights are zeroed: `size - kept_count`."""
+    return size - int(ops.convert_to_numpy(masking.kept_count(size, sparsity)))
+
+
+def _lowest(scores, count):
+    """Boolean array, `True` at the `count` lowest entries of `scores`.
+
+    Ties are broken as in `kprune.masking`: among equal scores, the lower
+    flat index is kept, so exactly `count` entries are marked.
+    """
+    flat = scores.ravel()
+    order = np.argsort(-flat, kind="stable")
+    pruned = np.zeros(flat.shape, bool)
+    pruned[order[flat.size - count :]] = True
+    return pruned.reshape(scores.shape)
+
+
+def _lowest_per_row(scores, counts):
+    """Row `r` of the result marks the `counts[r]` lowest of `scores[r]`."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :], axis=1)
+    return ranks >= (scores.shape[1] - np.asarray(counts))[:, None]
+
+
+def _lowest_in_groups(scores, m_by_n):
+    """N:M along the columns: in each row, `m` of every `n` consecutive
+    columns marked (the lowest scores)."""
+    m, n = m_by_n
+    rows, columns = scores.shape
+    groups = scores.reshape(rows * columns // n, n)
+    return _lowest_per_row(groups, np.full(groups.shape[0], m)).reshape(
+        rows, columns
+    )
+
+
+def _row_counts(rows, columns, sparsity):
+    """Zeros per row so that the layer loses exactly `_pruned_count`.
+
+    Each row loses `floor(total / rows)`, the first `total % rows` rows one
+    more: `int(columns * sparsity)` per row, as in Wanda, whenever that
+    product is an integer.
+    """
+    total = _pruned_count(rows * columns, sparsity)
+    counts = np.full(rows, total // rows)
+    counts[: total % rows] += 1
+    return counts
+
+
+class _Magnitude:
+    """The baseline: the weights of smallest magnitude in the layer."""
+
+    needs_data = False
+
+    def __init__(self, columns):
+        self.columns = columns
+
+    def add_batch(self, rows):
+        pass
+
+    def prune(self, weights, sparsity, m_by_n, **_):
+        """`weights`: `(out, in)` float64. Returns the pruned copy."""
+        if m_by_n is not None:
+            pruned = _lowest_in_groups(np.abs(weights), m_by_n)
+        else:
+            pruned = _lowest(
+                np.abs(weights), _pruned_count(weights.size, sparsity)
+            )
+        return np.where(pruned, 0.0, weights)
+
+
+class _Wanda:
+    """Scores `|W_ij| * ||X_j||_2`, compared within each output unit."""
+
+    needs_data = True
+
+    def __init__(self, columns):
+        self.squares = np.zeros(columns)
+
+    def add_batch(self, rows):
+        """Accumulates `sum_t x_tj^2` over rows `x_t` of the inputs."""
+        self.squares += np.einsum("tj,tj->j", rows, rows)
+
+    def prune(self, weights, sparsity, m_by_n, **_):
+        scores = np.abs(weights) * np.sqrt(self.squares)[None, :]
+        if m_by_n is not None:
+            pruned = _lowest_in_groups(scores, m_by_n)
+        else:
+            counts = _row_counts(*weights.shape, sparsity)
+            pruned = _lowest_per_row(scores, counts)
+        return np.where(pruned, 0.0, weights)
+
+
+class _SparseGPT:
+    """Layer-wise OBS reconstruction with blocked column updates."""
+
+    needs_data = True
+
+    def __init__(self, columns):
+        self.hessian = np.zeros((columns, columns))
+        self.samples = 0
+
+    def add_batch(self, rows):
+        """Keeps `H = 2 X^T X / n` over all rows seen so far."""
+        total = self.samples + rows.shape[0]
+        self.hessian *= self.samples / total
+        self.hessian += (2.0 / total) * (rows.T @ rows)
+        self.samples = total
+
+    def _inverse_cholesky(self, weights, damping):
+        """The upper Cholesky factor of the dampened `H^-1`; zeroes the
+        columns of `weights` whose input is always zero."""
+        hessian = self.hessian.copy()
+        dead = np.diag(hessian) == 0
+        hessian[dead, dead] = 1.0
+        weights[:, dead] = 0.0
+        diagonal = np.arange(hessian.shape[0])
+        hessian[diagonal, diagonal] += damping * np.mean(np.diag(hessian))
+        try:
+            lower = np.linalg.cholesky(hessian)
+            lower_inverse = np.linalg.solve(lower, np.eye(lower.shape[0]))
+            inverse = lower_inverse.T @ lower_inverse
+            return np.linalg.cholesky(inverse).T
+        except np.linalg.LinAlgError as error:
+            raise ValueError(
+                "The Hessian of the calibration inputs is not positive "
+                "definite even after dampening. Use a larger "
+                f"`hessian_damping` (received {damping}) or more "
+                "calibration data."
+            ) from error
+
+    def prune(self, weights, sparsity, m_by_n, blocksize, damping):
+        weights = weights.copy()
+        rows, columns = weights.shape
+        inverse = self._inverse_cholesky(weights, damping)
+        total = _pruned_count(weights.size, sparsity)
+
+        def target(column):
+            # Zeros in the columns before `column`: each block of columns
+            # loses its share, rounded so that the layer loses `total`.
+            return (total * column + columns // 2) // columns
+
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            block = weights[:, start:end].copy()
+            updated = np.zeros_like(block)
+            errors = np.zeros_like(block)
+            block_inverse = inverse[start:end, start:end]
+            diagonal = np.diag(block_inverse)
+            if m_by_n is None:
+                scores = block**2 / diagonal[None, :] ** 2
+                pruned = _lowest(scores, target(end) - target(start))
+            else:
+                pruned = np.zeros(block.shape, bool)
+            for i in range(end - start):
+                if m_by_n is not None and i % m_by_n[1] == 0:
+                    group = slice(i, i + m_by_n[1])
+                    scores = block[:, group] ** 2 / diagonal[group] ** 2
+                    pruned[:, group] = _lowest_in_groups(scores, m_by_n)
+                column = block[:, i]
+                kept = np.where(pruned[:, i], 0.0, column)
+                updated[:, i] = kept
+                error = (column - kept) / diagonal[i]
+                block[:, i:] -= np.outer(error, block_inverse[i, i:])
+                errors[:, i] = error
+            weights[:, start:end] = updated
+            weights[:, end:] -= errors @ inverse[start:end, end:]
+        return weights
+
+
+_METHODS = {
+    "sparsegpt": _SparseGPT,
+    "wanda": _Wanda,
+    "magnitude": _Magnitude,
+}
+
+
+class _Linear:
+    """A layer seen as `y = x W`: `W` of shape `(in, out)`, its inputs as
+    rows of length `in`.
+
+    `kernel` is the variable pruned. `matrix()` returns it as `(in, out)`;
+    `assign(matrix)` writes such a matrix back; `rows(x)` flattens one
+    call's input tensor to `(-1, in)`.
+    """
+
+    def __init__(self, layer, kernel, input_axes, kernel_in, kernel_out):
+        self.layer = layer
+        self.kernel = kernel
+        # Axes of the call's input contracted with `kernel_in`, in order.
+        self.input_axes = input_axes
+        self.permutation = tuple(kernel_in) + tuple(kernel_out)
+        shape = tuple(kernel.shape)
+        self.in_features = math.prod(shape[a] for a in kernel_in)
+        self.out_features = math.prod(shape[a] for a in kernel_out)
+
+    def matrix(self):
+        kernel = ops.convert_to_numpy(ops.cast(self.kernel, "float32"))
+        kernel = np.transpose(kernel.astype(np.float64), self.permutation)
+        return kernel.reshape(self.in_features, self.out_features)
+
+    def assign(self, matrix):
+        shape = tuple(self.kernel.shape)
+        moved = matrix.reshape([shape[a] for a in self.permutation])
+        kernel = np.transpose(moved, np.argsort(self.permutation))
+        self.kernel.assign(
+            ops.cast(kernel.astype(np.float32), self.kernel.dtype)
+        )
+
+    def rows(self, inputs):
+        x = ops.convert_to_numpy(ops.cast(inputs, "float32"))
+        x = x.astype(np.float64)
+        axes = [a % x.ndim for a in self.input_axes]
+        others = [a for a in range(x.ndim) if a not in axes]
+        return np.transpose(x, others + axes).reshape(-1, self.in_features)
+
+
+def _einsum_linear(layer):
+    """`_Linear` of an `EinsumDense`, or a reason it is not one."""
+    equation = layer.equation.replace(" ", "")
+    try:
+        inputs, rest = equation.split(",")
+        kernel, output = rest.split("->")
+    except ValueError:
+        return f"its equation {equation!r} is not of the form 'x,w->y'"
+    if "." in kernel:
+        return f"its equation {equation!r} has an ellipsis in the kernel"
+    shared = [c for c in kernel if c in inputs and c in output]
+    if shared:
+        return (
+            f"its equation {equation!r} keeps kernel axes {shared} in the "
+            "output, so it is several linear maps, not one"
+        )
+    if any(c not in inputs and c not in output for c in kernel) or any(
+        c not in kernel and c not in output for c in inputs if c != "."
+    ):
+        return f"its equation {equation!r} sums axes out"
+    left, _, right = inputs.partition("...")
+    has_ellipsis = "..." in inputs
+
+    def input_axis(letter):
+        if letter in left:
+            return left.index(letter)
+        if has_ellipsis:
+            return right.index(letter) - len(right)
+        return inputs.index(letter)
+
+    kernel_in = [i for i, c in enumerate(kernel) if c in inputs]
+    kernel_out = [i for i, c in enumerate(kernel) if c in output]
+    input_axes = [input_axis(kernel[i]) for i in kernel_in]
+    return _Linear(layer, layer.kernel, input_axes, kernel_in, kernel_out)
+
+
+def _linear(layer):
+    """`_Linear` of a layer kprune can prune in one shot, or a string
+    saying why it cannot (or `None` for a layer that is not linear)."""
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
+            return "one-shot pruning covers Dense and EinsumDense layers"
+        return None
+    if not layer.built:
+        return "it is not built"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return "it is quantized"
+    if getattr(layer, "lora_enabled", False):
+        return "it has LoRA enabled"
+    if isinstance(layer, keras.layers.EinsumDense):
+        return _einsum_linear(layer)
+    return _Linear(layer, layer.kernel, [-1], [0], [1])
+
+
+def _select(model, layers):
+    """`[_Linear]` to prune, in model order (not yet call order)."""
+    selectors = None if layers is None else list(_as_list(layers))
+    for selector in selectors or []:
+        if not (
+            isinstance(selector, (str, keras.layers.Layer))
+            or callable(selector)
+        ):
+            raise ValueError(
+                "Argument `layers` must name the layers to prune: layer "
+                "names, layer classes, layers, or functions of a layer "
+                f"returning a bool. Received an entry {selector!r}"
+            )
+
+    def chosen(layer):
+        if selectors is None:
+            return True
+        for selector in selectors:
+            if isinstance(selector, str):
+                if layer.name == selector:
+                    return True
+            elif isinstance(selector, type):
+                if isinstance(layer, selector):
+                    return True
+            elif isinstance(selector, keras.layers.Layer):
+                if layer is selector:
+                    return True
+            elif selector(layer):
+                return True
+        return False
+
+    found, seen = [], set()
+    for layer in _keras_internals.flatten_layers(model):
+        if id(layer) in seen or not chosen(layer):
+            continue
+        seen.add(id(layer))
+        linear = _linear(layer)
+        if isinstance(linear, _Linear):
+            found.append(linear)
+        elif isinstance(linear, str) and selectors is not None:
+            raise ValueError(
+                f"Layer {layer.name!r} of class {type(layer).__name__} was "
+                f"chosen in `layers` but cannot be pruned in one shot: "
+                f"{linear}. Leave it out of `layers`."
+            )
+    names = {layer.name for layer in _keras_internals.flatten_layers(model)}
+    missing = [
+        s for s in selectors or [] if isinstance(s, str) and s not in names
+    ]
+    if missing:
+        raise ValueError(
+            f"Argument `layers` names layers that model {model.name!r} does "
+            f"not have: {missing}. Its layers: {sorted(names)}"
+        )
+    return found
+
+
+def _as_list(value):
+    return value if isinstance(value, (list, tuple, set)) else [value]
+
+
+def _to_numpy(value):
+    return keras.tree.map_structure(np.asarray, value)
+
+
+def _batches(calibration_data, batch_size):
+    """The calibration data as a list of batches of NumPy model inputs."""
+    data = calibration_data
+    if isinstance(data, keras.utils.PyDataset):
+        items = [data[i] for i in range(len(data))]
+    elif (
+        isinstance(data, (np.ndarray, dict, list, tuple))
+        or ops.is_tensor(data)
+        or hasattr(data, "__array__")
+    ):
+        flat = keras.tree.flatten(data)
+        if not flat:
+            raise ValueError(
+                "Argument `calibration_data` is empty. Pass the model's "
+                "inputs for a few batches."
+            )
+        lengths = {np.shape(x)[0] if np.ndim(x) else None for x in flat}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(
+                "Argument `calibration_data` must hold the model's inputs, "
+                "arrays with the same number of samples along their first "
+                "axis. Received arrays of shapes "
+                f"{[tuple(np.shape(x)) for x in flat]}"
+            )
+        size = lengths.pop()
+        numpy_data = _to_numpy(data)
+        return [
+            keras.tree.map_structure(
+                lambda x, s=start: x[s : s + batch_size], numpy_data
+            )
+            for start in range(0, size, batch_size)
+        ]
+    else:
+        try:
+            items = list(data)
+        except TypeError:
+            raise ValueError(
+                "Argument `calibration_data` must be the model's inputs (an "
+                "array, or a dict or list of arrays), or an iterable of "
+                "batches (a `tf.data.Dataset`, a `keras.utils.PyDataset`, a "
+                f"generator). Received: {type(data).__name__}"
+            ) from None
+    batches = []
+    for item in items:
+        if isinstance(item, tuple):
+            item, _, _ = keras.utils.unpack_x_y_sample_weight(item)
+        batches.append(_to_numpy(item))
+    if not batches:
+        raise ValueError(
+            "Argument `calibration_data` yielded no batches. Pass the "
+            "model's inputs for a few batches."
+        )
+    return batches
+
+
+def _check_fits(model, batch):
+    """Raises a clear error when `batch` does not fit a graph model's
+    inputs."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return
+    if not inputs:
+        return
+    flat = keras.tree.flatten(batch)
+    if len(flat) != len(inputs):
+        raise ValueError(
+            f"Argument `calibration_data` must hold {len(inputs)} input(s) "
+            f"for model {model.name!r}. Received {len(flat)}: shapes "
+            f"{[tuple(np.shape(x)) for x in flat]}"
+        )
+    if isinstance(batch, dict):
+        by_name = {x.name: x for x in inputs}
+        if set(batch) <= set(by_name):
+            pairs = [(by_name[k], batch[k]) for k in batch]
+        else:
+            pairs = []
+    else:
+        pairs = list(zip(inputs, flat))
+    for symbolic, array in pairs:
+        expected = tuple(symbolic.shape)
+        received = tuple(np.shape(array))
+        if len(expected) != len(received) or any(
+            e is not None and e != r for e, r in zip(expected, received)
+        ):
+            raise ValueError(
+                "Argument `calibration_data` does not fit the inputs of "
+                f"model {model.name!r}: input {symbolic.name!r} has shape "
+                f"{expected}, the calibration batch has shape {received}. "
+                "Pass data shaped like the model's inputs (the first axis "
+                "is the sample axis)."
+            )
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the layer of interest has seen its
+    input."""
+
+
+class _Hooks:
+    """Temporarily routes calls of some layers through `on_call`.
+
+    `on_call(linear, inputs)` runs before the layer's own `call`; it may
+    raise `_Captured` to end the forward pass there.
+    """
+
+    def __init__(self, linears, on_call):
+        self.linears = linears
+        self.on_call = on_call
+
+    def __enter__(self):
+        for linear in self.linears:
+            layer = linear.layer
+            original = layer.call
+
+            def call(*args, _linear=linear, _call=original, **kwargs):
+                inputs = args[0] if args else kwargs["inputs"]
+                self.on_call(_linear, inputs)
+                return _call(*args, **kwargs)
+
+            layer.call = call
+        return self
+
+    def __exit__(self, *exc):
+        for linear in self.linears:
+            del linear.layer.call
+
+
+def _run(model, batch):
+    try:
+        model(batch, training=False)
+    except _Captured:
+        pass
+
+
+def _call_order(model, linears, batch):
+    """The layers in the order the model first calls them, and how many
+    times each is called per forward pass; layers never called are
+    dropped (with a warning)."""
+    order, calls = [], {}
+
+    def record(linear, inputs):
+        if id(linear) not in calls:
+            order.append(linear)
+            calls[id(linear)] = 0
+        calls[id(linear)] += 1
+
+    with _Hooks(linears, record):
+        try:
+            model(batch, training=False)
+        except Exception as error:
+            raise ValueError(
+                f"Model {model.name!r} fails on the calibration data: "
+                f"{type(error).__name__}: {error}. Argument "
+                "`calibration_data` must hold inputs the model accepts "
+                "(`model(batch)` must run)."
+            ) from error
+    unused = [x.layer.name for x in linears if id(x) not in calls]
+    if unused:
+        warnings.warn(
+            f"Layers {unused} are not called on the calibration data, so "
+            "they are left dense.",
+            stacklevel=3,
+        )
+    return order, calls
+
+
+def _check_sparsity(sparsity):
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float, np.number))
+        or not 0.0 <= float(sparsity) < 1.0
+    ):
+        raise ValueError(
+            "Argument `sparsity` must be a number in [0, 1). "
+            f"Received: sparsity={sparsity!r}"
+        )
+    return float(sparsity)
+
+
+def _check_positive_int(name, value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value <= 0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be an integer > 0. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+@kprune_export("kprune.oneshot")
+def oneshot(
+    model: keras.Model,
+    calibration_data=None,
+    sparsity: float = 0.5,
+    method: str = "sparsegpt",
+    sparsity_m_by_n: tuple | None = None,
+    layers=None,
+    batch_size: int = 32,
+    blocksize: int = 128,
+    hessian_damping: float = 0.01,
+    verbose: int = 1,
+) -> keras.Model:
+    """Prunes a trained model in one shot, from a little calibration data.
+
+    Each `Dense` and `EinsumDense` layer (those inside attention layers,
+    keras-hub blocks and nested models included) is pruned once, in the
+    order the model calls them: the model is run on the calibration data
+    with the layers before already pruned, the layer's inputs are
+    collected, the layer is pruned, and the next one follows. The model is
+    pruned in place, keeps its class, and is returned: a plain Keras model
+    whose pruned weights are exact zeros.
+
+    Each layer keeps exactly `kept_count(size, sparsity)` weights (the
+    count `kprune.ConstantSparsity` keeps), or has exactly `m` zeros in
+    every `n` consecutive inputs of each output unit for N:M. A
+    SparseGPT layer whose inputs are always zero on the calibration data
+    may have more zeros: the weights of those inputs are set to zero.
+
+    Methods:
+
+    - `"sparsegpt"`: the kept weights are updated to reconstruct the
+      layer's outputs on the calibration data (Frantar & Alistarh, 2023).
+      The mask is chosen per block of `blocksize` input columns.
+    - `"wanda"`: zeros the weights of lowest `|W_ij| * ||X_j||_2` within
+      each output unit (Sun et al., 2023); no weight update.
+    - `"magnitude"`: zeros the weights of lowest magnitude in each layer;
+      needs no calibration data.
+
+    Other layers (convolutions, embeddings) stay dense.
+
+    Args:
+        model: A built Keras model: Sequential, functional or subclassed.
+        calibration_data: The model's inputs for a few hundred samples: an
+            array, a dict or list of arrays (split into batches of
+            `batch_size`), or an iterable of batches (`tf.data.Dataset`,
+            `keras.utils.PyDataset`, a list of batches); batches that are
+            `(x, y)` tuples give their `x`. Optional for `"magnitude"`.
+        sparsity: Fraction of each layer's weights set to zero, in
+            `[0, 1)`. Ignored when `sparsity_m_by_n` is set.
+        method: `"sparsegpt"`, `"wanda"` or `"magnitude"`.
+        sparsity_m_by_n: `None`, or `(m, n)` such as `(2, 4)`: `m` zeros in
+            every `n` consecutive inputs of each output unit. `n` must
+            divide each pruned layer's input size (and `blocksize`).
+        layers: Which layers to prune: a list of layer names, layer
+            classes, layers, or functions of a layer returning a bool.
+            `None` (default): every `Dense` and `EinsumDense` layer.
+        batch_size: Batch size for array `calibration_data`.
+        blocksize: SparseGPT: the unstructured mask is chosen per block of
+            `blocksize` input columns, whose updates are applied together.
+            With `sparsity_m_by_n`, it is rounded to a multiple of `n`,
+            which does not change the result.
+        hessian_damping: SparseGPT: `hessian_damping * mean(diag(H))` is
+            added to the Hessian's diagonal.
+        verbose: 0 for silence, 1 for a progress bar of the layers.
+
+    Returns:
+        `model`, pruned.
+
+    Raises:
+        ValueError: If an argument is invalid, the calibration data does
+            not fit the model, `n` of `sparsity_m_by_n` does not divide a
+            layer's input size, or the model has no layer to prune. The
+            model is left unchanged then, and if pruning fails half-way.
+
+    Example:
+
+    ```python
+    model = kprune.oneshot.oneshot(
+        model, x_train[:256], sparsity=0.5, method="sparsegpt"
+    )
+    # Or 2:4 with Wanda:
+    model = kprune.oneshot.oneshot(
+        model, x_train[:256], method="wanda", sparsity_m_by_n=(2, 4)
+    )
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a Keras model. Received: {model!r}"
+        )
+    if method not in _METHODS:
+        raise ValueError(
+            f"Argument `method` must be one of {sorted(_METHODS)}. "
+            f"Received: method={method!r}"
+        )
+    sparsity = _check_sparsity(sparsity)
+    _, _, m_by_n = validate_pruning_args((1, 1), "AVG", sparsity_m_by_n)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    blocksize = _check_positive_int("blocksize", blocksize)
+    if (
+        isinstance(hessian_damping, bool)
+        or not isinstance(hessian_damping, (int, float, np.number))
+        or not 0.0 <= hessian_damping < math.inf
+    ):
+        raise ValueError(
+            "Argument `hessian_damping` must be a number >= 0. "
+            f"Received: hessian_damping={hessian_damping!r}"
+        )
+    if m_by_n is not None:
+        # N:M groups must not straddle blocks. The blocks change only when
+        # the updates are applied, not the result, so any multiple of n
+        # does.
+        blocksize = max(blocksize // m_by_n[1], 1) * m_by_n[1]
+    linears = _select(model, layers)
+    if not linears:
+        raise ValueError(
+            f"Model {model.name!r} has no layer that one-shot pruning "
+            "covers (Dense, EinsumDense)"
+            + ("" if layers is None else " among those chosen in `layers`")
+            + "."
+        )
+    if m_by_n is not None:
+        bad = [
+            f"{x.layer.name} ({x.in_features})"
+            for x in linears
+            if x.in_features % m_by_n[1]
+        ]
+        if bad:
+            raise ValueError(
+                f"Argument `sparsity_m_by_n` groups n={m_by_n[1]} "
+                "consecutive inputs, so n must divide each layer's input "
+                f"size. It does not for these layers (input size): {bad}. "
+                "Leave them out with `layers=`."
+            )
+    algorithm = _METHODS[method]
+    if algorithm.needs_data or calibration_data is not None:
+        if calibration_data is None:
+            raise ValueError(
+                f"Argument `calibration_data` is required for "
+                f"method={method!r}: pass the model's inputs for a few "
+                "hundred samples."
+            )
+        batches = _batches(calibration_data, batch_size)
+        _check_fits(model, batches[0])
+        linears, calls = _call_order(model, linears, batches[0])
+    originals = []
+    progress = keras.utils.Progbar(
+        len(linears), verbose=verbose, unit_name="layer"
+    )
+    try:
+        for done, linear in enumerate(linears):
+            statistics = algorithm(linear.in_features)
+            if algorithm.needs_data:
+                _collect(model, linear, statistics, batches, calls)
+            matrix = linear.matrix()
+            originals.append((linear, matrix))
+            pruned = statistics.prune(
+                matrix.T,
+                sparsity,
+                m_by_n,
+                blocksize=blocksize,
+                damping=float(hessian_damping),
+            )
+            linear.assign(pruned.T)
+            progress.update(done + 1)
+    except BaseException:
+        for linear, matrix in originals:
+            linear.assign(matrix)
+        raise
+    return model
+
+
+def _collect(model, linear, statistics, batches, calls):
+    """Runs the model on each batch and feeds `linear`'s inputs to
+    `statistics.add_batch`; the pass stops at the layer when it is called
+    once per pass."""
+    once = calls[id(linear)] == 1
+
+    def record(_, inputs):
+        statistics.add_batch(linear.rows(inputs))
+        if once:
+            raise _Captured()
+
+    with _Hooks([linear], record):
+        for batch in batches:
+            _run(model, batch)
