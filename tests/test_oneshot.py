@@ -15,6 +15,7 @@ import pytest
 from keras import layers
 
 import kprune
+from kprune import _keras_internals
 from kprune import oneshot as oneshot_module
 from kprune.oneshot import oneshot
 from testing import reference_kept
@@ -432,3 +433,64 @@ def test_a_failure_half_way_restores_the_pruned_layers(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         oneshot(model, _inputs("sequential", 32), verbose=0)
     _unchanged(model, before)
+
+
+def _tiny_gpt2_causal_lm():
+    keras_hub = pytest.importorskip("keras_hub")
+    vocabulary = {"<|endoftext|>": 0, "Ġ": 1, "a": 2, "b": 3, "c": 4}
+    vocabulary.update({"Ġa": 5, "Ġb": 6, "Ġc": 7})
+    tokenizer = keras_hub.models.GPT2Tokenizer(
+        vocabulary=vocabulary, merges=["Ġ a", "Ġ b", "Ġ c"]
+    )
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=8
+    )
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+    return keras_hub.models.GPT2CausalLM(
+        backbone=backbone, preprocessor=preprocessor
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m_by_n", [None, (2, 4)])
+def test_gpt2_causal_lm_is_pruned_in_place_and_still_generates(m_by_n):
+    keras_hub = pytest.importorskip("keras_hub")
+    lm = _tiny_gpt2_causal_lm()
+    rng = np.random.default_rng(0)
+    tokens = {
+        "token_ids": rng.integers(1, 8, size=(32, 8)).astype("int32"),
+        "padding_mask": np.ones((32, 8), "int32"),
+    }
+    embedding = keras.ops.convert_to_numpy(
+        lm.backbone.token_embedding.embeddings
+    )
+    result = oneshot(lm, tokens, sparsity_m_by_n=m_by_n, verbose=0)
+    assert result is lm and type(lm) is keras_hub.models.GPT2CausalLM
+    linear = [
+        layer
+        for layer in _keras_internals.flatten_layers(lm.backbone)
+        if isinstance(layer, (layers.Dense, layers.EinsumDense))
+    ]
+    # Per block: query, key, value, attention output, two FFN layers.
+    assert len(linear) == 12
+    for layer in linear:
+        weights = kernel(layer)
+        if m_by_n is None:
+            assert np.count_nonzero(weights) == weights.size // 2
+        else:
+            in_features = 8 if weights.shape[0] != 16 else 16
+            rows = np.moveaxis(weights.reshape(in_features, -1), 0, -1)
+            assert ((rows != 0).reshape(-1, 4).sum(axis=-1) == 2).all()
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(lm.backbone.token_embedding.embeddings),
+        embedding,
+    )
+    out = lm.generate(["a b", "c"], max_length=8)
+    assert len(out) == 2 and out[0].startswith("a b")
