@@ -376,7 +376,7 @@ def _unchanged(model, before):
         ({"method": "obs"}, "must be one of \\['magnitude', 'sparsegpt'"),
         (
             {"sparsity_m_by_n": (2, 5)},
-            "It does not for these layers \\(input size\\): \\['dense",
+            "for these layers \\(input channels\\): \\[.dense \\(16\\)",
         ),
         ({"sparsity_m_by_n": (4, 2)}, "`sparsity_m_by_n` must be a tuple"),
         ({"layers": ["nope"]}, "does not have: \\['nope'\\]"),
@@ -411,10 +411,61 @@ def test_missing_calibration_data_raises_for_data_methods():
 
 def test_a_model_with_nothing_prunable_raises():
     model = keras.Sequential(
-        [keras.Input((4, 4, 1)), layers.Conv2D(2, 3), layers.Flatten()]
+        [keras.Input((4, 3)), layers.LayerNormalization(), layers.Flatten()]
     )
+    before = model.get_weights()
     with pytest.raises(ValueError, match="no layer that one-shot pruning"):
-        oneshot(model, np.ones((2, 4, 4, 1), "float32"), verbose=0)
+        oneshot(model, np.ones((2, 4, 3), "float32"), verbose=0)
+    _unchanged(model, before)
+
+
+def test_an_unbuilt_subclassed_model_is_built_on_the_calibration_data():
+    model = _Subclassed()
+    oneshot(model, _inputs("subclassed", 32), method="wanda", verbose=0)
+    assert np.mean(kernel(model.first) == 0) == 0.5
+
+
+CONVOLUTIONS = {
+    "conv2d_same_strided": lambda: layers.Conv2D(
+        4, 3, strides=2, padding="same"
+    ),
+    "conv2d_valid_dilated": lambda: layers.Conv2D(4, 3, dilation_rate=2),
+    "conv2d_even_kernel_same": lambda: layers.Conv2D(
+        4, (2, 4), strides=(1, 3), padding="same"
+    ),
+    "conv1d_causal": lambda: layers.Conv1D(4, 3, padding="causal"),
+    "conv2d_1x1": lambda: layers.Conv2D(4, 1),
+    "conv3d_same": lambda: layers.Conv3D(4, 2, padding="same"),
+}
+SHAPES = {"conv1d": (9, 4), "conv2d": (9, 7, 4), "conv3d": (5, 4, 3, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(CONVOLUTIONS))
+def test_convolution_rows_reproduce_the_convolution(name):
+    layer = CONVOLUTIONS[name]()
+    shape = SHAPES[name.split("_")[0]]
+    x = np.random.default_rng(0).normal(size=(2, *shape)).astype("float32")
+    output = keras.ops.convert_to_numpy(layer(x)) - keras.ops.convert_to_numpy(
+        layer.bias
+    )
+    linear = oneshot_module._linear(layer)
+    rows = linear.rows(x)
+    np.testing.assert_allclose(
+        rows @ linear.matrix(), output.reshape(-1, 4), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_conv2d_sparsegpt_matches_the_reference_on_its_patches():
+    conv = layers.Conv2D(8, 3, padding="same", name="conv")
+    model = keras.Sequential([keras.Input((6, 6, 4)), conv])
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
+    rows = oneshot_module._linear(conv).rows(x)
+    weights = kernel(conv).reshape(36, 8).T
+    oneshot(model, x, sparsity_m_by_n=(2, 4), verbose=0)
+    expected = reference_sparsegpt(weights, rows, 0, (2, 4))
+    result = kernel(conv).reshape(36, 8).T
+    np.testing.assert_array_equal(result == 0, expected == 0)
+    np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_failure_half_way_restores_the_pruned_layers(monkeypatch):

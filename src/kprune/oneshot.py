@@ -217,20 +217,23 @@ class _Linear:
     """A layer seen as `y = x W`: `W` of shape `(in, out)`, its inputs as
     rows of length `in`.
 
-    `kernel` is the variable pruned. `matrix()` returns it as `(in, out)`;
-    `assign(matrix)` writes such a matrix back; `rows(x)` flattens one
-    call's input tensor to `(-1, in)`.
+    `kernel` is the variable pruned; `kernel_in` and `kernel_out` are its
+    input and output axes, flattened in that order into `W`'s rows and
+    columns. `matrix()` returns `W`; `assign(matrix)` writes such a matrix
+    back; `rows(x)` turns one call's input tensor into `(-1, in)` rows
+    (`to_rows` does it on a float64 NumPy array).
     """
 
-    def __init__(self, layer, kernel, input_axes, kernel_in, kernel_out):
+    def __init__(self, layer, kernel, kernel_in, kernel_out, to_rows):
         self.layer = layer
         self.kernel = kernel
-        # Axes of the call's input contracted with `kernel_in`, in order.
-        self.input_axes = input_axes
         self.permutation = tuple(kernel_in) + tuple(kernel_out)
         shape = tuple(kernel.shape)
         self.in_features = math.prod(shape[a] for a in kernel_in)
         self.out_features = math.prod(shape[a] for a in kernel_out)
+        # N:M groups run along the innermost input axis.
+        self.channels = shape[kernel_in[-1]]
+        self.to_rows = to_rows
 
     def matrix(self):
         kernel = ops.convert_to_numpy(ops.cast(self.kernel, "float32"))
@@ -247,10 +250,61 @@ class _Linear:
 
     def rows(self, inputs):
         x = ops.convert_to_numpy(ops.cast(inputs, "float32"))
-        x = x.astype(np.float64)
-        axes = [a % x.ndim for a in self.input_axes]
+        return self.to_rows(x.astype(np.float64))
+
+
+def _contract(input_axes, in_features):
+    """Rows of the input axes `input_axes`, in that order; the other axes
+    index the rows."""
+
+    def to_rows(x):
+        axes = [a % x.ndim for a in input_axes]
         others = [a for a in range(x.ndim) if a not in axes]
-        return np.transpose(x, others + axes).reshape(-1, self.in_features)
+        return np.transpose(x, others + axes).reshape(-1, in_features)
+
+    return to_rows
+
+
+def _patches(layer, in_features):
+    """im2col of a convolution: each output position's receptive field,
+    `(kernel positions..., input channels)` flattened, as one row."""
+    rank = len(layer.kernel_size)
+
+    def to_rows(x):
+        if layer.data_format == "channels_first":
+            x = np.moveaxis(x, 1, -1)
+        padding = []
+        for size, k, stride, rate in zip(
+            x.shape[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate
+        ):
+            span = (k - 1) * rate + 1
+            if layer.padding == "same":
+                total = max((-(-size // stride) - 1) * stride + span - size, 0)
+                padding.append((total // 2, total - total // 2))
+            elif layer.padding == "causal":
+                padding.append((span - 1, 0))
+            else:
+                padding.append((0, 0))
+        x = np.pad(x, [(0, 0), *padding, (0, 0)])
+        spans = [
+            (k - 1) * r + 1
+            for k, r in zip(layer.kernel_size, layer.dilation_rate)
+        ]
+        windows = np.lib.stride_tricks.sliding_window_view(
+            x, spans, axis=tuple(range(1, rank + 1))
+        )
+        # (batch, positions..., channels, window...): keep the strided
+        # positions and the dilated taps.
+        index = (
+            (slice(None),)
+            + tuple(slice(None, None, s) for s in layer.strides)
+            + (slice(None),)
+            + tuple(slice(None, None, r) for r in layer.dilation_rate)
+        )
+        windows = np.moveaxis(windows[index], rank + 1, -1)
+        return windows.reshape(-1, in_features)
+
+    return to_rows
 
 
 def _einsum_linear(layer):
@@ -286,29 +340,54 @@ def _einsum_linear(layer):
     kernel_in = [i for i, c in enumerate(kernel) if c in inputs]
     kernel_out = [i for i, c in enumerate(kernel) if c in output]
     input_axes = [input_axis(kernel[i]) for i in kernel_in]
-    return _Linear(layer, layer.kernel, input_axes, kernel_in, kernel_out)
+    shape = tuple(layer.kernel.shape)
+    in_features = math.prod(shape[a] for a in kernel_in)
+    return _Linear(
+        layer,
+        layer.kernel,
+        kernel_in,
+        kernel_out,
+        _contract(input_axes, in_features),
+    )
+
+
+_CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
 def _linear(layer):
     """`_Linear` of a layer kprune can prune in one shot, or a string
     saying why it cannot (or `None` for a layer that is not linear)."""
-    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
-        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
-            return "one-shot pruning covers Dense and EinsumDense layers"
+    linear_classes = (keras.layers.Dense, keras.layers.EinsumDense)
+    if not isinstance(layer, linear_classes + _CONVOLUTIONS):
         return None
     if not layer.built:
-        return "it is not built"
+        return "it is not built; call the model on a batch first"
     if getattr(layer, "quantization_mode", None) is not None:
         return "it is quantized"
     if getattr(layer, "lora_enabled", False):
         return "it has LoRA enabled"
     if isinstance(layer, keras.layers.EinsumDense):
         return _einsum_linear(layer)
-    return _Linear(layer, layer.kernel, [-1], [0], [1])
+    if isinstance(layer, _CONVOLUTIONS):
+        if layer.groups != 1:
+            return f"it is a grouped convolution (groups={layer.groups})"
+        rank = len(layer.kernel_size)
+        in_features = math.prod(layer.kernel.shape[:-1])
+        return _Linear(
+            layer,
+            layer.kernel,
+            list(range(rank + 1)),
+            [rank + 1],
+            _patches(layer, in_features),
+        )
+    return _Linear(
+        layer, layer.kernel, [0], [1], _contract([-1], layer.kernel.shape[0])
+    )
 
 
 def _select(model, layers):
-    """`[_Linear]` to prune, in model order (not yet call order)."""
+    """`([_Linear] to prune, [(name, why) of layers left out])`, in model
+    order (not yet call order)."""
     selectors = None if layers is None else list(_as_list(layers))
     for selector in selectors or []:
         if not (
@@ -338,7 +417,7 @@ def _select(model, layers):
                 return True
         return False
 
-    found, seen = [], set()
+    found, skipped, seen = [], [], set()
     for layer in _keras_internals.flatten_layers(model):
         if id(layer) in seen or not chosen(layer):
             continue
@@ -346,7 +425,9 @@ def _select(model, layers):
         linear = _linear(layer)
         if isinstance(linear, _Linear):
             found.append(linear)
-        elif isinstance(linear, str) and selectors is not None:
+        elif isinstance(linear, str) and selectors is None:
+            skipped.append((layer.name, linear))
+        elif isinstance(linear, str):
             raise ValueError(
                 f"Layer {layer.name!r} of class {type(layer).__name__} was "
                 f"chosen in `layers` but cannot be pruned in one shot: "
@@ -361,7 +442,7 @@ def _select(model, layers):
             f"Argument `layers` names layers that model {model.name!r} does "
             f"not have: {missing}. Its layers: {sorted(names)}"
         )
-    return found
+    return found, skipped
 
 
 def _as_list(value):
@@ -507,6 +588,20 @@ def _run(model, batch):
         pass
 
 
+def _call_checked(model, batch):
+    """Calls the model on a batch, saying which argument is wrong when it
+    fails."""
+    try:
+        model(batch, training=False)
+    except Exception as error:
+        raise ValueError(
+            f"Model {model.name!r} fails on the calibration data: "
+            f"{type(error).__name__}: {error}. Argument "
+            "`calibration_data` must hold inputs the model accepts "
+            "(`model(batch)` must run)."
+        ) from error
+
+
 def _call_order(model, linears, batch):
     """The layers in the order the model first calls them, and how many
     times each is called per forward pass; layers never called are
@@ -520,15 +615,7 @@ def _call_order(model, linears, batch):
         calls[id(linear)] += 1
 
     with _Hooks(linears, record):
-        try:
-            model(batch, training=False)
-        except Exception as error:
-            raise ValueError(
-                f"Model {model.name!r} fails on the calibration data: "
-                f"{type(error).__name__}: {error}. Argument "
-                "`calibration_data` must hold inputs the model accepts "
-                "(`model(batch)` must run)."
-            ) from error
+        _call_checked(model, batch)
     unused = [x.layer.name for x in linears if id(x) not in calls]
     if unused:
         warnings.warn(
@@ -580,8 +667,9 @@ def oneshot(
 ) -> keras.Model:
     """Prunes a trained model in one shot, from a little calibration data.
 
-    Each `Dense` and `EinsumDense` layer (those inside attention layers,
-    keras-hub blocks and nested models included) is pruned once, in the
+    Each `Dense`, `EinsumDense` and `Conv1D`/`Conv2D`/`Conv3D` layer
+    (those inside attention layers, keras-hub blocks and nested models
+    included) is pruned once, in the
     order the model calls them: the model is run on the calibration data
     with the layers before already pruned, the layer's inputs are
     collected, the layer is pruned, and the next one follows. The model is
@@ -590,7 +678,7 @@ def oneshot(
 
     Each layer keeps exactly `kept_count(size, sparsity)` weights (the
     count `kprune.ConstantSparsity` keeps), or has exactly `m` zeros in
-    every `n` consecutive inputs of each output unit for N:M. A
+    every `n` consecutive input channels of each output unit for N:M. A
     SparseGPT layer whose inputs are always zero on the calibration data
     may have more zeros: the weights of those inputs are set to zero.
 
@@ -604,10 +692,14 @@ def oneshot(
     - `"magnitude"`: zeros the weights of lowest magnitude in each layer;
       needs no calibration data.
 
-    Other layers (convolutions, embeddings) stay dense.
+    A convolution is pruned as the matrix from its receptive field
+    (kernel positions x input channels) to its filters, its inputs
+    unfolded into one row per output position. Other layers (embeddings,
+    depthwise, separable, transposed and grouped convolutions) stay dense.
 
     Args:
-        model: A built Keras model: Sequential, functional or subclassed.
+        model: A Keras model: Sequential, functional or subclassed (one
+            that is not built is built on the first calibration batch).
         calibration_data: The model's inputs for a few hundred samples: an
             array, a dict or list of arrays (split into batches of
             `batch_size`), or an iterable of batches (`tf.data.Dataset`,
@@ -617,11 +709,13 @@ def oneshot(
             `[0, 1)`. Ignored when `sparsity_m_by_n` is set.
         method: `"sparsegpt"`, `"wanda"` or `"magnitude"`.
         sparsity_m_by_n: `None`, or `(m, n)` such as `(2, 4)`: `m` zeros in
-            every `n` consecutive inputs of each output unit. `n` must
-            divide each pruned layer's input size (and `blocksize`).
+            every `n` consecutive input channels of each output unit (the
+            pattern `kprune.prune_low_magnitude` prunes to). `n` must divide
+            each pruned layer's input channels (for `EinsumDense`, its
+            innermost contracted axis).
         layers: Which layers to prune: a list of layer names, layer
             classes, layers, or functions of a layer returning a bool.
-            `None` (default): every `Dense` and `EinsumDense` layer.
+            `None` (default): every layer that one-shot pruning covers.
         batch_size: Batch size for array `calibration_data`.
         blocksize: SparseGPT: the unstructured mask is chosen per block of
             `blocksize` input columns, whose updates are applied together.
@@ -637,7 +731,7 @@ def oneshot(
     Raises:
         ValueError: If an argument is invalid, the calibration data does
             not fit the model, `n` of `sparsity_m_by_n` does not divide a
-            layer's input size, or the model has no layer to prune. The
+            layer's input channels, or the model has no layer to prune. The
             model is left unchanged then, and if pruning fails half-way.
 
     Example:
@@ -679,28 +773,8 @@ def oneshot(
         # the updates are applied, not the result, so any multiple of n
         # does.
         blocksize = max(blocksize // m_by_n[1], 1) * m_by_n[1]
-    linears = _select(model, layers)
-    if not linears:
-        raise ValueError(
-            f"Model {model.name!r} has no layer that one-shot pruning "
-            "covers (Dense, EinsumDense)"
-            + ("" if layers is None else " among those chosen in `layers`")
-            + "."
-        )
-    if m_by_n is not None:
-        bad = [
-            f"{x.layer.name} ({x.in_features})"
-            for x in linears
-            if x.in_features % m_by_n[1]
-        ]
-        if bad:
-            raise ValueError(
-                f"Argument `sparsity_m_by_n` groups n={m_by_n[1]} "
-                "consecutive inputs, so n must divide each layer's input "
-                f"size. It does not for these layers (input size): {bad}. "
-                "Leave them out with `layers=`."
-            )
     algorithm = _METHODS[method]
+    batches = None
     if algorithm.needs_data or calibration_data is not None:
         if calibration_data is None:
             raise ValueError(
@@ -710,6 +784,36 @@ def oneshot(
             )
         batches = _batches(calibration_data, batch_size)
         _check_fits(model, batches[0])
+        if not model.built:
+            # A subclassed model creates its layers' weights when called.
+            _call_checked(model, batches[0])
+    linears, skipped = _select(model, layers)
+    if not linears:
+        reasons = "".join(
+            f" Layer {name!r} is left out: {why}." for name, why in skipped
+        )
+        raise ValueError(
+            f"Model {model.name!r} has no layer that one-shot pruning "
+            "covers (Dense, EinsumDense, Conv1D/2D/3D)"
+            + ("" if layers is None else " among those chosen in `layers`")
+            + "."
+            + reasons
+        )
+    if m_by_n is not None:
+        bad = [
+            f"{x.layer.name} ({x.channels})"
+            for x in linears
+            if x.channels % m_by_n[1]
+        ]
+        if bad:
+            raise ValueError(
+                f"Argument `sparsity_m_by_n` groups n={m_by_n[1]} "
+                "consecutive input channels, so n must divide each layer's "
+                "input channels (its innermost input axis). It does not "
+                f"for these layers (input channels): {bad}. Leave them out "
+                "with `layers=`."
+            )
+    if batches is not None:
         linears, calls = _call_order(model, linears, batches[0])
     originals = []
     progress = keras.utils.Progbar(
