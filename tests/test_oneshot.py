@@ -426,32 +426,45 @@ def test_an_unbuilt_subclassed_model_is_built_on_the_calibration_data():
 
 
 CONVOLUTIONS = {
-    "conv2d_same_strided": lambda: layers.Conv2D(
-        4, 3, strides=2, padding="same"
+    "conv2d_same_strided": (
+        lambda: layers.Conv2D(4, 3, strides=2, padding="same"),
+        (9, 7, 4),
     ),
-    "conv2d_valid_dilated": lambda: layers.Conv2D(4, 3, dilation_rate=2),
-    "conv2d_even_kernel_same": lambda: layers.Conv2D(
-        4, (2, 4), strides=(1, 3), padding="same"
+    "conv2d_valid_dilated": (
+        lambda: layers.Conv2D(4, 3, dilation_rate=2),
+        (9, 7, 4),
     ),
-    "conv1d_causal": lambda: layers.Conv1D(4, 3, padding="causal"),
-    "conv2d_1x1": lambda: layers.Conv2D(4, 1),
-    "conv3d_same": lambda: layers.Conv3D(4, 2, padding="same"),
+    "conv2d_even_kernel_same": (
+        lambda: layers.Conv2D(4, (2, 4), strides=(1, 3), padding="same"),
+        (9, 7, 4),
+    ),
+    "conv2d_channels_first": (
+        lambda: layers.Conv2D(
+            4, 3, strides=2, padding="same", data_format="channels_first"
+        ),
+        (3, 7, 6),
+    ),
+    "conv1d_causal": (lambda: layers.Conv1D(4, 3, padding="causal"), (9, 4)),
+    "conv2d_1x1": (lambda: layers.Conv2D(4, 1), (9, 7, 4)),
+    "conv3d_same": (lambda: layers.Conv3D(4, 2, padding="same"), (5, 4, 3, 4)),
 }
-SHAPES = {"conv1d": (9, 4), "conv2d": (9, 7, 4), "conv3d": (5, 4, 3, 4)}
 
 
 @pytest.mark.parametrize("name", sorted(CONVOLUTIONS))
 def test_convolution_rows_reproduce_the_convolution(name):
-    layer = CONVOLUTIONS[name]()
-    shape = SHAPES[name.split("_")[0]]
+    make, shape = CONVOLUTIONS[name]
+    layer = make()
     x = np.random.default_rng(0).normal(size=(2, *shape)).astype("float32")
-    output = keras.ops.convert_to_numpy(layer(x)) - keras.ops.convert_to_numpy(
-        layer.bias
-    )
+    output = keras.ops.convert_to_numpy(layer(x))
+    if layer.data_format == "channels_first":
+        output = np.moveaxis(output, 1, -1)
+    output = output - keras.ops.convert_to_numpy(layer.bias)
     linear = oneshot_module._linear(layer)
-    rows = linear.rows(x)
     np.testing.assert_allclose(
-        rows @ linear.matrix(), output.reshape(-1, 4), rtol=1e-4, atol=1e-4
+        linear.rows(x) @ linear.matrix(),
+        output.reshape(-1, 4),
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 
