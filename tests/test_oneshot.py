@@ -596,3 +596,26 @@ def test_gpt2_causal_lm_is_pruned_in_place_and_still_generates(m_by_n):
     )
     out = lm.generate(["a b", "c"], max_length=8)
     assert len(out) == 2 and out[0].startswith("a b")
+
+
+def test_self_attention_projections_are_calibrated_in_one_pass():
+    model = _attention_model()
+    attention = model.layers[1]
+    x = np.random.default_rng(0).normal(size=(32, 6, 8)).astype("float32")
+    linears, _ = oneshot_module._select(model, None)
+    groups, _ = oneshot_module._call_order(model, linears, x)
+    names = [[linear.layer.name for linear in group] for group in groups]
+    assert names == [
+        ["query", "key", "value"],
+        ["attention_output"],
+        [model.layers[-1].name],
+    ]
+    projections = [attention.query_dense, attention.key_dense]
+    projections.append(attention.value_dense)
+    before = [kernel(layer).reshape(8, 8).T for layer in projections]
+    oneshot(model, x, verbose=0)
+    for layer, weights in zip(projections, before):
+        expected = reference_sparsegpt(weights, x.reshape(-1, 8), 0.5)
+        result = kernel(layer).reshape(8, 8).T
+        np.testing.assert_array_equal(result == 0, expected == 0)
+        np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)

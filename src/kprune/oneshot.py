@@ -603,19 +603,31 @@ def _call_checked(model, batch):
 
 
 def _call_order(model, linears, batch):
-    """The layers in the order the model first calls them, and how many
-    times each is called per forward pass; layers never called are
-    dropped (with a warning)."""
-    order, calls = [], {}
+    """Groups of layers, in the order the model first calls them, and how
+    many times each layer is called per forward pass.
+
+    Consecutive layers called on the very same input tensor (the query,
+    key and value projections of self-attention) form one group: they
+    share the statistics of that input, gathered in one pass. Layers never
+    called are dropped, with a warning.
+    """
+    groups, calls = [], {}
+    # The input of the current group, held so that its id is not reused.
+    current = []
 
     def record(linear, inputs):
         if id(linear) not in calls:
-            order.append(linear)
             calls[id(linear)] = 0
+            if current and inputs is current[0]:
+                groups[-1].append(linear)
+            else:
+                groups.append([linear])
+                current[:] = [inputs]
         calls[id(linear)] += 1
 
     with _Hooks(linears, record):
         _call_checked(model, batch)
+    current.clear()
     unused = [x.layer.name for x in linears if id(x) not in calls]
     if unused:
         warnings.warn(
@@ -623,7 +635,15 @@ def _call_order(model, linears, batch):
             "they are left dense.",
             stacklevel=3,
         )
-    return order, calls
+    # A layer called several times sees other inputs too: it is calibrated
+    # alone.
+    split = []
+    for group in groups:
+        if len(group) > 1 and any(calls[id(x)] > 1 for x in group):
+            split.extend([x] for x in group)
+        else:
+            split.append(group)
+    return split, calls
 
 
 def _check_sparsity(sparsity):
@@ -814,27 +834,32 @@ def oneshot(
                 "with `layers=`."
             )
     if batches is not None:
-        linears, calls = _call_order(model, linears, batches[0])
+        groups, calls = _call_order(model, linears, batches[0])
+    if batches is None:
+        groups = [[linear] for linear in linears]
     originals = []
     progress = keras.utils.Progbar(
-        len(linears), verbose=verbose, unit_name="layer"
+        sum(len(group) for group in groups), verbose=verbose, unit_name="layer"
     )
+    done = 0
     try:
-        for done, linear in enumerate(linears):
-            statistics = algorithm(linear.in_features)
+        for group in groups:
+            statistics = algorithm(group[0].in_features)
             if algorithm.needs_data:
-                _collect(model, linear, statistics, batches, calls)
-            matrix = linear.matrix()
-            originals.append((linear, matrix))
-            pruned = statistics.prune(
-                matrix.T,
-                sparsity,
-                m_by_n,
-                blocksize=blocksize,
-                damping=float(hessian_damping),
-            )
-            linear.assign(pruned.T)
-            progress.update(done + 1)
+                _collect(model, group, statistics, batches, calls)
+            for linear in group:
+                matrix = linear.matrix()
+                originals.append((linear, matrix))
+                pruned = statistics.prune(
+                    matrix.T,
+                    sparsity,
+                    m_by_n,
+                    blocksize=blocksize,
+                    damping=float(hessian_damping),
+                )
+                linear.assign(pruned.T)
+                done += 1
+                progress.update(done)
     except BaseException:
         for linear, matrix in originals:
             linear.assign(matrix)
@@ -842,17 +867,24 @@ def oneshot(
     return model
 
 
-def _collect(model, linear, statistics, batches, calls):
-    """Runs the model on each batch and feeds `linear`'s inputs to
-    `statistics.add_batch`; the pass stops at the layer when it is called
-    once per pass."""
-    once = calls[id(linear)] == 1
+def _collect(model, group, statistics, batches, calls):
+    """Runs the model on each batch and feeds the inputs of `group`'s
+    layers (the same tensor when the group has several) to
+    `statistics.add_batch`. A pass stops once the group has seen its input
+    when its layers are called once per pass."""
+    once = all(calls[id(linear)] == 1 for linear in group)
+    seen = []
 
-    def record(_, inputs):
-        statistics.add_batch(linear.rows(inputs))
-        if once:
+    def record(linear, inputs):
+        # A group of several layers shares one input; a lone layer may be
+        # called several times, on different inputs.
+        if len(group) == 1 or not seen:
+            statistics.add_batch(linear.rows(inputs))
+        seen.append(linear)
+        if once and len(seen) == len(group):
             raise _Captured()
 
-    with _Hooks([linear], record):
+    with _Hooks(group, record):
         for batch in batches:
+            seen.clear()
             _run(model, batch)
