@@ -619,3 +619,58 @@ def test_self_attention_projections_are_calibrated_in_one_pass():
         result = kernel(layer).reshape(8, 8).T
         np.testing.assert_array_equal(result == 0, expected == 0)
         np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Layer InputLayer does not have")
+def test_int8_quantization_keeps_the_zeros():
+    model = _mlp()
+    oneshot(model, _inputs("sequential", 64), verbose=0)
+    zeros = [kernel(layer) == 0 for layer in model.layers]
+    model.quantize("int8")
+    for layer, before in zip(model.layers, zeros):
+        quantized = keras.ops.convert_to_numpy(layer.kernel)
+        assert quantized.dtype == np.int8
+        assert (quantized[before] == 0).all()
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        x = self.x[index * 48 : (index + 1) * 48]
+        return x, np.zeros((len(x), 4), "float32")
+
+
+def test_calibration_data_may_be_a_tf_dataset_or_a_py_dataset():
+    import tensorflow as tf
+
+    x = _inputs("sequential", 96)
+    weights = _mlp().get_weights()
+    results = []
+    for data in (
+        x,
+        tf.data.Dataset.from_tensor_slices((x, x[:, :4])).batch(48),
+        _Batches(x),
+    ):
+        model = _mlp()
+        model.set_weights(weights)
+        oneshot(model, data, batch_size=48, verbose=0)
+        results.append([kernel(layer) for layer in model.layers])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_dict_calibration_data_of_the_wrong_shape_names_the_input():
+    model = _functional()
+    before = model.get_weights()
+    x = _inputs("functional", 8)
+    x["b"] = x["b"][:, :5]
+    with pytest.raises(ValueError, match="input 'b' has shape \\(None, 6\\)"):
+        oneshot(model, x, verbose=0)
+    _unchanged(model, before)
