@@ -674,3 +674,17 @@ def test_dict_calibration_data_of_the_wrong_shape_names_the_input():
     with pytest.raises(ValueError, match="input 'b' has shape \\(None, 6\\)"):
         oneshot(model, x, verbose=0)
     _unchanged(model, before)
+
+
+def test_mixed_precision_layers_are_pruned_from_their_float32_kernels():
+    model = keras.Sequential(
+        [
+            keras.Input((16,)),
+            layers.Dense(8, dtype="mixed_bfloat16"),
+            layers.Dense(4, dtype="mixed_float16"),
+        ]
+    )
+    oneshot(model, _inputs("sequential", 32), verbose=0)
+    for layer in model.layers:
+        assert layer.kernel.dtype == "float32"
+        assert np.mean(kernel(layer) == 0) == 0.5
