@@ -91,10 +91,7 @@ class _Magnitude:
     needs_data = False
 
     def __init__(self, columns):
-        self.columns = columns
-
-    def add_batch(self, rows):
-        pass
+        del columns  # The statistics classes share one signature.
 
     def prune(self, weights, sparsity, m_by_n, **_):
         """`weights`: `(out, in)` float64. Returns the pruned copy."""
@@ -450,7 +447,12 @@ def _as_list(value):
 
 
 def _to_numpy(value):
-    return keras.tree.map_structure(np.asarray, value)
+    return keras.tree.map_structure(
+        lambda x: (
+            ops.convert_to_numpy(x) if ops.is_tensor(x) else np.asarray(x)
+        ),
+        value,
+    )
 
 
 def _batches(calibration_data, batch_size):
@@ -562,11 +564,15 @@ class _Hooks:
     def __init__(self, linears, on_call):
         self.linears = linears
         self.on_call = on_call
+        # Layers whose `call` was an instance attribute already -> it.
+        self.own_calls = {}
 
     def __enter__(self):
         for linear in self.linears:
             layer = linear.layer
             original = layer.call
+            if "call" in vars(layer):
+                self.own_calls[id(layer)] = original
 
             def call(*args, _linear=linear, _call=original, **kwargs):
                 inputs = args[0] if args else kwargs["inputs"]
@@ -578,7 +584,11 @@ class _Hooks:
 
     def __exit__(self, *exc):
         for linear in self.linears:
-            del linear.layer.call
+            layer = linear.layer
+            if id(layer) in self.own_calls:
+                layer.call = self.own_calls[id(layer)]
+            else:
+                del layer.call
 
 
 def _run(model, batch):
