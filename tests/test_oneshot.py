@@ -688,3 +688,22 @@ def test_mixed_precision_layers_are_pruned_from_their_float32_kernels():
     for layer in model.layers:
         assert layer.kernel.dtype == "float32"
         assert np.mean(kernel(layer) == 0) == 0.5
+
+
+def test_a_sparsity_dict_prunes_each_named_layer_to_its_own_sparsity():
+    model = _mlp()
+    names = [layer.name for layer in model.layers]
+    last = kernel(model.layers[2])
+    oneshot(
+        model,
+        _inputs("sequential", 64),
+        sparsity={names[0]: 0.75, names[1]: 0.25},
+        verbose=0,
+    )
+    assert np.mean(kernel(model.layers[0]) == 0) == 0.75
+    assert np.mean(kernel(model.layers[1]) == 0) == 0.25
+    np.testing.assert_array_equal(kernel(model.layers[2]), last)
+    with pytest.raises(ValueError, match="not both"):
+        oneshot(model, _inputs("sequential", 8), {names[0]: 0.5}, layers=[])
+    with pytest.raises(ValueError, match="`sparsity` must be a number"):
+        oneshot(model, _inputs("sequential", 8), {names[0]: 1.5})

@@ -736,7 +736,9 @@ def oneshot(
             `keras.utils.PyDataset`, a list of batches); batches that are
             `(x, y)` tuples give their `x`. Optional for `"magnitude"`.
         sparsity: Fraction of each layer's weights set to zero, in
-            `[0, 1)`. Ignored when `sparsity_m_by_n` is set.
+            `[0, 1)`, or a dict of layer name to sparsity: the named layers
+            are pruned, each to its own sparsity, the others stay dense.
+            Ignored when `sparsity_m_by_n` is set.
         method: `"sparsegpt"`, `"wanda"` or `"magnitude"`.
         sparsity_m_by_n: `None`, or `(m, n)` such as `(2, 4)`: `m` zeros in
             every `n` consecutive input channels of each output unit (the
@@ -785,7 +787,22 @@ def oneshot(
             f"Argument `method` must be one of {sorted(_METHODS)}. "
             f"Received: method={method!r}"
         )
-    sparsity = _check_sparsity(sparsity)
+    if isinstance(sparsity, dict):
+        if layers is not None:
+            raise ValueError(
+                "Pass per-layer sparsities either as a `sparsity` dict or "
+                "choose layers with `layers`, not both. Received both."
+            )
+        if not all(isinstance(name, str) for name in sparsity):
+            raise ValueError(
+                "A `sparsity` dict maps layer names to sparsities. "
+                f"Received keys: {list(sparsity)}"
+            )
+        sparsities = {n: _check_sparsity(s) for n, s in sparsity.items()}
+        layers = list(sparsities)
+    else:
+        sparsities = None
+        sparsity = _check_sparsity(sparsity)
     _, _, m_by_n = validate_pruning_args((1, 1), "AVG", sparsity_m_by_n)
     batch_size = _check_positive_int("batch_size", batch_size)
     blocksize = _check_positive_int("blocksize", blocksize)
@@ -862,7 +879,9 @@ def oneshot(
                 originals.append((linear, matrix))
                 pruned = statistics.prune(
                     matrix.T,
-                    sparsity,
+                    sparsity
+                    if sparsities is None
+                    else sparsities[linear.layer.name],
                     m_by_n,
                     blocksize=blocksize,
                     damping=float(hessian_damping),
