@@ -707,3 +707,16 @@ def test_a_sparsity_dict_prunes_each_named_layer_to_its_own_sparsity():
         oneshot(model, _inputs("sequential", 8), {names[0]: 0.5}, layers=[])
     with pytest.raises(ValueError, match="`sparsity` must be a number"):
         oneshot(model, _inputs("sequential", 8), {names[0]: 1.5})
+
+
+def test_layers_it_cannot_prune_are_left_dense_with_a_warning():
+    inputs = keras.Input((4, 8))
+    per_head = layers.EinsumDense("abc,bcd->abd", output_shape=(4, 6))
+    h = per_head(inputs)
+    model = keras.Model(inputs, layers.Dense(3)(h))
+    before = kernel(per_head)
+    x = np.random.default_rng(0).normal(size=(16, 4, 8)).astype("float32")
+    with pytest.warns(UserWarning, match="keeps kernel axes \\['b'\\]"):
+        oneshot(model, x, verbose=0)
+    np.testing.assert_array_equal(kernel(per_head), before)
+    assert np.mean(kernel(model.layers[-1]) == 0) == 0.5

@@ -846,6 +846,13 @@ def oneshot(
             + "."
             + reasons
         )
+    if skipped:
+        warnings.warn(
+            "These layers are left dense: "
+            + "; ".join(f"{name!r}: {why}" for name, why in skipped)
+            + ".",
+            stacklevel=2,
+        )
     if m_by_n is not None:
         bad = [
             f"{x.layer.name} ({x.channels})"
