@@ -720,3 +720,33 @@ def test_layers_it_cannot_prune_are_left_dense_with_a_warning():
         oneshot(model, x, verbose=0)
     np.testing.assert_array_equal(kernel(per_head), before)
     assert np.mean(kernel(model.layers[-1]) == 0) == 0.5
+
+
+def test_branches_on_one_input_keep_their_own_statistics():
+    # Inception-like: a 1x1 and a 3x3 convolution read the same tensor, in
+    # one pass, but unfold it differently.
+    inputs = keras.Input((6, 6, 4))
+    small = layers.Conv2D(8, 1, name="small")
+    large = layers.Conv2D(8, 3, padding="same", name="large")
+    h = layers.Concatenate()([small(inputs), large(inputs)])
+    model = keras.Model(inputs, h)
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
+    linears, _ = oneshot_module._select(model, None)
+    groups, _ = oneshot_module._call_order(model, linears, x)
+    assert [[x.layer.name for x in group] for group in groups] == [
+        ["small", "large"]
+    ]
+    before = {
+        layer.name: (
+            kernel(layer).reshape(-1, 8).T,
+            oneshot_module._linear(layer).rows(x),
+        )
+        for layer in (small, large)
+    }
+    oneshot(model, x, verbose=0)
+    for layer in (small, large):
+        weights, rows = before[layer.name]
+        expected = reference_sparsegpt(weights, rows, 0.5)
+        result = kernel(layer).reshape(-1, 8).T
+        np.testing.assert_array_equal(result == 0, expected == 0)
+        np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)

@@ -218,10 +218,13 @@ class _Linear:
     input and output axes, flattened in that order into `W`'s rows and
     columns. `matrix()` returns `W`; `assign(matrix)` writes such a matrix
     back; `rows(x)` turns one call's input tensor into `(-1, in)` rows
-    (`to_rows` does it on a float64 NumPy array).
+    (`to_rows` does it on a float64 NumPy array, as `signature` (a tuple)
+    describes).
     """
 
-    def __init__(self, layer, kernel, kernel_in, kernel_out, to_rows):
+    def __init__(
+        self, layer, kernel, kernel_in, kernel_out, to_rows, signature
+    ):
         self.layer = layer
         self.kernel = kernel
         self.permutation = tuple(kernel_in) + tuple(kernel_out)
@@ -231,6 +234,8 @@ class _Linear:
         # N:M groups run along the innermost input axis.
         self.channels = shape[kernel_in[-1]]
         self.to_rows = to_rows
+        # Equal for layers whose `rows` of the same input are equal.
+        self.signature = (self.in_features, *signature)
 
     def matrix(self):
         kernel = ops.convert_to_numpy(ops.cast(self.kernel, "float32"))
@@ -345,6 +350,7 @@ def _einsum_linear(layer):
         kernel_in,
         kernel_out,
         _contract(input_axes, in_features),
+        ("contract", *input_axes),
     )
 
 
@@ -376,9 +382,22 @@ def _linear(layer):
             list(range(rank + 1)),
             [rank + 1],
             _patches(layer, in_features),
+            (
+                "patches",
+                tuple(layer.kernel_size),
+                tuple(layer.strides),
+                tuple(layer.dilation_rate),
+                layer.padding,
+                layer.data_format,
+            ),
         )
     return _Linear(
-        layer, layer.kernel, [0], [1], _contract([-1], layer.kernel.shape[0])
+        layer,
+        layer.kernel,
+        [0],
+        [1],
+        _contract([-1], layer.kernel.shape[0]),
+        ("contract", -1),
     )
 
 
@@ -878,13 +897,16 @@ def oneshot(
     done = 0
     try:
         for group in groups:
-            statistics = algorithm(group[0].in_features)
+            statistics = {}
+            for linear in group:
+                if linear.signature not in statistics:
+                    statistics[linear.signature] = algorithm(linear.in_features)
             if algorithm.needs_data:
                 _collect(model, group, statistics, batches, calls)
             for linear in group:
                 matrix = linear.matrix()
                 originals.append((linear, matrix))
-                pruned = statistics.prune(
+                pruned = statistics[linear.signature].prune(
                     matrix.T,
                     sparsity
                     if sparsities is None
@@ -905,17 +927,19 @@ def oneshot(
 
 def _collect(model, group, statistics, batches, calls):
     """Runs the model on each batch and feeds the inputs of `group`'s
-    layers (the same tensor when the group has several) to
-    `statistics.add_batch`. A pass stops once the group has seen its input
-    when its layers are called once per pass."""
+    layers to `statistics[layer's signature].add_batch`. The layers of a
+    group of several share one input tensor, so each signature's rows are
+    added once per pass, and the pass stops once every layer has been
+    called; a lone layer may be called several times, on different inputs,
+    and takes them all."""
     once = all(calls[id(linear)] == 1 for linear in group)
     seen = []
 
     def record(linear, inputs):
-        # A group of several layers shares one input; a lone layer may be
-        # called several times, on different inputs.
-        if len(group) == 1 or not seen:
-            statistics.add_batch(linear.rows(inputs))
+        if len(group) == 1 or all(
+            x.signature != linear.signature for x in seen
+        ):
+            statistics[linear.signature].add_batch(linear.rows(inputs))
         seen.append(linear)
         if once and len(seen) == len(group):
             raise _Captured()
