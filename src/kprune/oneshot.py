@@ -2,9 +2,9 @@
 
 No training: each prunable layer is pruned once, in the order the model
 calls its layers, from statistics of its inputs on calibration data. The
-inputs are those the model produces with the layers before already pruned,
-as SparseGPT and Wanda do, so each layer corrects the errors of the ones
-before it. Three methods:
+inputs are those the model produces with the layers before already pruned
+(as SparseGPT and Wanda do across blocks), so each layer sees the errors
+of the ones before it. Three methods:
 
 - `"magnitude"`: the weights of smallest absolute value in each layer (the
   baseline; needs no data).
