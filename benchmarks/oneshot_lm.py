@@ -12,7 +12,7 @@ Prints one JSON line per run (held-out perplexity per byte, one-shot
 seconds) and appends it to `--out`.
 
 Run: `OPENBLAS_NUM_THREADS=1 nice python benchmarks/oneshot_lm.py`
-(about 4 minutes per seed on 2 cores); `benchmarks/README.md` has the
+(about 8 minutes per seed on 2 cores); `benchmarks/README.md` has the
 table.
 """
 
