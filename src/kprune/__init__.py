@@ -3,16 +3,17 @@
 A drop-in for `tfmot.sparsity.keras`: its names, with the same arguments,
 are at the top level. What kprune adds lives in one module per concern:
 `kprune.allocation`, `kprune.structured`, `kprune.sensitivity`,
-`kprune.export`, `kprune.compression`, `kprune.report`, `kprune.plots`,
-`kprune.pruning_policy` and `kprune.registry`. Each name is declared
-once, with `@kprune_export` (see `kprune.api_export`), which builds every
-`__all__` and registers the classes that serialize.
+`kprune.oneshot`, `kprune.export`, `kprune.compression`, `kprune.report`,
+`kprune.plots`, `kprune.pruning_policy` and `kprune.registry`. Each name
+is declared once, with `@kprune_export` (see `kprune.api_export`), which
+builds every `__all__` and registers the classes that serialize.
 """
 
 from kprune import allocation
 from kprune import api_export
 from kprune import compression
 from kprune import export
+from kprune import oneshot
 from kprune import plots
 from kprune import pruning_policy
 from kprune import registry

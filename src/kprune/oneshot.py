@@ -1,0 +1,950 @@
+"""One-shot pruning: a trained model pruned from a little calibration data.
+
+No training: each prunable layer is pruned once, in the order the model
+calls its layers, from statistics of its inputs on calibration data. The
+inputs are those the model produces with the layers before already pruned
+(as SparseGPT and Wanda do across blocks), so each layer sees the errors
+of the ones before it. Three methods:
+
+- `"magnitude"`: the weights of smallest absolute value in each layer (the
+  baseline; needs no data).
+- `"wanda"` (Sun et al., 2023, "A Simple and Effective Pruning Approach
+  for Large Language Models"): scores `|W_ij| * ||X_j||_2`, the weight's
+  magnitude times the norm of its input over the calibration data,
+  compared within each output unit; no weight update.
+- `"sparsegpt"` (Frantar & Alistarh, 2023, "SparseGPT: Massive Language
+  Models Can Be Accurately Pruned in One-Shot"): layer-wise optimal brain
+  surgeon with the Hessian `2 X^T X / n` of the layer's inputs; the kept
+  weights are updated to reconstruct the layer's outputs.
+
+The math runs in NumPy, float64, on the host, one layer at a time (the
+largest buffer is one `in_features x in_features` Hessian), so it is the
+same on every backend.
+"""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from kprune import _keras_internals
+from kprune import masking
+from kprune.api_export import kprune_export
+from kprune.wrapper import validate_pruning_args
+
+
+def _pruned_count(size: int, sparsity: float) -> int:
+    """How many of `size` weights are zeroed: `size - kept_count`."""
+    return size - int(ops.convert_to_numpy(masking.kept_count(size, sparsity)))
+
+
+def _lowest(scores, count):
+    """Boolean array, `True` at the `count` lowest entries of `scores`.
+
+    Ties are broken as in `kprune.masking`: among equal scores, the lower
+    flat index is kept, so exactly `count` entries are marked.
+    """
+    flat = scores.ravel()
+    order = np.argsort(-flat, kind="stable")
+    pruned = np.zeros(flat.shape, bool)
+    pruned[order[flat.size - count :]] = True
+    return pruned.reshape(scores.shape)
+
+
+def _lowest_per_row(scores, counts):
+    """Row `r` of the result marks the `counts[r]` lowest of `scores[r]`."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :], axis=1)
+    return ranks >= (scores.shape[1] - np.asarray(counts))[:, None]
+
+
+def _lowest_in_groups(scores, m_by_n):
+    """N:M along the columns: in each row, `m` of every `n` consecutive
+    columns marked (the lowest scores)."""
+    m, n = m_by_n
+    rows, columns = scores.shape
+    groups = scores.reshape(rows * columns // n, n)
+    return _lowest_per_row(groups, np.full(groups.shape[0], m)).reshape(
+        rows, columns
+    )
+
+
+def _row_counts(rows, columns, sparsity):
+    """Zeros per row so that the layer loses exactly `_pruned_count`.
+
+    Each row loses `floor(total / rows)`, the first `total % rows` rows one
+    more: `int(columns * sparsity)` per row, as in Wanda, whenever that
+    product is an integer.
+    """
+    total = _pruned_count(rows * columns, sparsity)
+    counts = np.full(rows, total // rows)
+    counts[: total % rows] += 1
+    return counts
+
+
+class _Magnitude:
+    """The baseline: the weights of smallest magnitude in the layer."""
+
+    needs_data = False
+
+    def __init__(self, columns):
+        del columns  # The statistics classes share one signature.
+
+    def prune(self, weights, sparsity, m_by_n, **_):
+        """`weights`: `(out, in)` float64. Returns the pruned copy."""
+        if m_by_n is not None:
+            pruned = _lowest_in_groups(np.abs(weights), m_by_n)
+        else:
+            pruned = _lowest(
+                np.abs(weights), _pruned_count(weights.size, sparsity)
+            )
+        return np.where(pruned, 0.0, weights)
+
+
+class _Wanda:
+    """Scores `|W_ij| * ||X_j||_2`, compared within each output unit."""
+
+    needs_data = True
+
+    def __init__(self, columns):
+        self.squares = np.zeros(columns)
+
+    def add_batch(self, rows):
+        """Accumulates `sum_t x_tj^2` over rows `x_t` of the inputs."""
+        self.squares += np.einsum("tj,tj->j", rows, rows)
+
+    def prune(self, weights, sparsity, m_by_n, **_):
+        scores = np.abs(weights) * np.sqrt(self.squares)[None, :]
+        if m_by_n is not None:
+            pruned = _lowest_in_groups(scores, m_by_n)
+        else:
+            counts = _row_counts(*weights.shape, sparsity)
+            pruned = _lowest_per_row(scores, counts)
+        return np.where(pruned, 0.0, weights)
+
+
+class _SparseGPT:
+    """Layer-wise OBS reconstruction with blocked column updates."""
+
+    needs_data = True
+
+    def __init__(self, columns):
+        self.hessian = np.zeros((columns, columns))
+        self.samples = 0
+
+    def add_batch(self, rows):
+        """Keeps `H = 2 X^T X / n` over all rows seen so far."""
+        total = self.samples + rows.shape[0]
+        self.hessian *= self.samples / total
+        self.hessian += (2.0 / total) * (rows.T @ rows)
+        self.samples = total
+
+    def _inverse_cholesky(self, weights, damping):
+        """The upper Cholesky factor of the dampened `H^-1`; zeroes the
+        columns of `weights` whose input is always zero."""
+        hessian = self.hessian.copy()
+        dead = np.diag(hessian) == 0
+        hessian[dead, dead] = 1.0
+        weights[:, dead] = 0.0
+        diagonal = np.arange(hessian.shape[0])
+        hessian[diagonal, diagonal] += damping * np.mean(np.diag(hessian))
+        try:
+            lower = np.linalg.cholesky(hessian)
+            lower_inverse = np.linalg.solve(lower, np.eye(lower.shape[0]))
+            inverse = lower_inverse.T @ lower_inverse
+            return np.linalg.cholesky(inverse).T
+        except np.linalg.LinAlgError as error:
+            raise ValueError(
+                "The Hessian of the calibration inputs is not positive "
+                "definite even after dampening. Use a larger "
+                f"`hessian_damping` (received {damping}) or more "
+                "calibration data."
+            ) from error
+
+    def prune(self, weights, sparsity, m_by_n, blocksize, damping):
+        weights = weights.copy()
+        rows, columns = weights.shape
+        inverse = self._inverse_cholesky(weights, damping)
+        total = _pruned_count(weights.size, sparsity)
+
+        def target(column):
+            # Zeros in the columns before `column`: each block of columns
+            # loses its share, rounded so that the layer loses `total`.
+            return (total * column + columns // 2) // columns
+
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            block = weights[:, start:end].copy()
+            updated = np.zeros_like(block)
+            errors = np.zeros_like(block)
+            block_inverse = inverse[start:end, start:end]
+            diagonal = np.diag(block_inverse)
+            if m_by_n is None:
+                scores = block**2 / diagonal[None, :] ** 2
+                pruned = _lowest(scores, target(end) - target(start))
+            else:
+                pruned = np.zeros(block.shape, bool)
+            for i in range(end - start):
+                if m_by_n is not None and i % m_by_n[1] == 0:
+                    group = slice(i, i + m_by_n[1])
+                    scores = block[:, group] ** 2 / diagonal[group] ** 2
+                    pruned[:, group] = _lowest_in_groups(scores, m_by_n)
+                column = block[:, i]
+                kept = np.where(pruned[:, i], 0.0, column)
+                updated[:, i] = kept
+                error = (column - kept) / diagonal[i]
+                block[:, i:] -= np.outer(error, block_inverse[i, i:])
+                errors[:, i] = error
+            weights[:, start:end] = updated
+            weights[:, end:] -= errors @ inverse[start:end, end:]
+        return weights
+
+
+_METHODS = {
+    "sparsegpt": _SparseGPT,
+    "wanda": _Wanda,
+    "magnitude": _Magnitude,
+}
+
+
+class _Linear:
+    """A layer seen as `y = x W`: `W` of shape `(in, out)`, its inputs as
+    rows of length `in`.
+
+    `kernel` is the variable pruned; `kernel_in` and `kernel_out` are its
+    input and output axes, flattened in that order into `W`'s rows and
+    columns. `matrix()` returns `W`; `assign(matrix)` writes such a matrix
+    back; `rows(x)` turns one call's input tensor into `(-1, in)` rows
+    (`to_rows` does it on a float64 NumPy array, as `signature` (a tuple)
+    describes).
+    """
+
+    def __init__(
+        self, layer, kernel, kernel_in, kernel_out, to_rows, signature
+    ):
+        self.layer = layer
+        self.kernel = kernel
+        self.permutation = tuple(kernel_in) + tuple(kernel_out)
+        shape = tuple(kernel.shape)
+        self.in_features = math.prod(shape[a] for a in kernel_in)
+        self.out_features = math.prod(shape[a] for a in kernel_out)
+        # N:M groups run along the innermost input axis.
+        self.channels = shape[kernel_in[-1]]
+        self.to_rows = to_rows
+        # Equal for layers whose `rows` of the same input are equal.
+        self.signature = (self.in_features, *signature)
+
+    def matrix(self):
+        kernel = ops.convert_to_numpy(ops.cast(self.kernel, "float32"))
+        kernel = np.transpose(kernel.astype(np.float64), self.permutation)
+        return kernel.reshape(self.in_features, self.out_features)
+
+    def assign(self, matrix):
+        shape = tuple(self.kernel.shape)
+        moved = matrix.reshape([shape[a] for a in self.permutation])
+        kernel = np.transpose(moved, np.argsort(self.permutation))
+        self.kernel.assign(
+            ops.cast(kernel.astype(np.float32), self.kernel.dtype)
+        )
+
+    def rows(self, inputs):
+        x = ops.convert_to_numpy(ops.cast(inputs, "float32"))
+        return self.to_rows(x.astype(np.float64))
+
+
+def _contract(input_axes, in_features):
+    """Rows of the input axes `input_axes`, in that order; the other axes
+    index the rows."""
+
+    def to_rows(x):
+        axes = [a % x.ndim for a in input_axes]
+        others = [a for a in range(x.ndim) if a not in axes]
+        return np.transpose(x, others + axes).reshape(-1, in_features)
+
+    return to_rows
+
+
+def _patches(layer, in_features):
+    """im2col of a convolution: each output position's receptive field,
+    `(kernel positions..., input channels)` flattened, as one row."""
+    rank = len(layer.kernel_size)
+
+    def to_rows(x):
+        if layer.data_format == "channels_first":
+            x = np.moveaxis(x, 1, -1)
+        padding = []
+        for size, k, stride, rate in zip(
+            x.shape[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate
+        ):
+            span = (k - 1) * rate + 1
+            if layer.padding == "same":
+                total = max((-(-size // stride) - 1) * stride + span - size, 0)
+                padding.append((total // 2, total - total // 2))
+            elif layer.padding == "causal":
+                padding.append((span - 1, 0))
+            else:
+                padding.append((0, 0))
+        x = np.pad(x, [(0, 0), *padding, (0, 0)])
+        spans = [
+            (k - 1) * r + 1
+            for k, r in zip(layer.kernel_size, layer.dilation_rate)
+        ]
+        windows = np.lib.stride_tricks.sliding_window_view(
+            x, spans, axis=tuple(range(1, rank + 1))
+        )
+        # (batch, positions..., channels, window...): keep the strided
+        # positions and the dilated taps.
+        index = (
+            (slice(None),)
+            + tuple(slice(None, None, s) for s in layer.strides)
+            + (slice(None),)
+            + tuple(slice(None, None, r) for r in layer.dilation_rate)
+        )
+        windows = np.moveaxis(windows[index], rank + 1, -1)
+        return windows.reshape(-1, in_features)
+
+    return to_rows
+
+
+def _einsum_linear(layer):
+    """`_Linear` of an `EinsumDense`, or a reason it is not one."""
+    equation = layer.equation.replace(" ", "")
+    try:
+        inputs, rest = equation.split(",")
+        kernel, output = rest.split("->")
+    except ValueError:
+        return f"its equation {equation!r} is not of the form 'x,w->y'"
+    if "." in kernel:
+        return f"its equation {equation!r} has an ellipsis in the kernel"
+    shared = [c for c in kernel if c in inputs and c in output]
+    if shared:
+        return (
+            f"its equation {equation!r} keeps kernel axes {shared} in the "
+            "output, so it is several linear maps, not one"
+        )
+    if any(c not in inputs and c not in output for c in kernel) or any(
+        c not in kernel and c not in output for c in inputs if c != "."
+    ):
+        return f"its equation {equation!r} sums axes out"
+    left, _, right = inputs.partition("...")
+    has_ellipsis = "..." in inputs
+
+    def input_axis(letter):
+        if letter in left:
+            return left.index(letter)
+        if has_ellipsis:
+            return right.index(letter) - len(right)
+        return inputs.index(letter)
+
+    kernel_in = [i for i, c in enumerate(kernel) if c in inputs]
+    kernel_out = [i for i, c in enumerate(kernel) if c in output]
+    input_axes = [input_axis(kernel[i]) for i in kernel_in]
+    shape = tuple(layer.kernel.shape)
+    in_features = math.prod(shape[a] for a in kernel_in)
+    return _Linear(
+        layer,
+        layer.kernel,
+        kernel_in,
+        kernel_out,
+        _contract(input_axes, in_features),
+        ("contract", *input_axes),
+    )
+
+
+_CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _linear(layer):
+    """`_Linear` of a layer kprune can prune in one shot, or a string
+    saying why it cannot (or `None` for a layer that is not linear)."""
+    linear_classes = (keras.layers.Dense, keras.layers.EinsumDense)
+    if not isinstance(layer, linear_classes + _CONVOLUTIONS):
+        return None
+    if not layer.built:
+        return "it is not built; call the model on a batch first"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return "it is quantized"
+    if getattr(layer, "lora_enabled", False):
+        return "it has LoRA enabled"
+    if isinstance(layer, keras.layers.EinsumDense):
+        return _einsum_linear(layer)
+    if isinstance(layer, _CONVOLUTIONS):
+        if layer.groups != 1:
+            return f"it is a grouped convolution (groups={layer.groups})"
+        rank = len(layer.kernel_size)
+        in_features = math.prod(layer.kernel.shape[:-1])
+        return _Linear(
+            layer,
+            layer.kernel,
+            list(range(rank + 1)),
+            [rank + 1],
+            _patches(layer, in_features),
+            (
+                "patches",
+                tuple(layer.kernel_size),
+                tuple(layer.strides),
+                tuple(layer.dilation_rate),
+                layer.padding,
+                layer.data_format,
+            ),
+        )
+    return _Linear(
+        layer,
+        layer.kernel,
+        [0],
+        [1],
+        _contract([-1], layer.kernel.shape[0]),
+        ("contract", -1),
+    )
+
+
+def _select(model, layers):
+    """`([_Linear] to prune, [(name, why) of layers left out])`, in model
+    order (not yet call order)."""
+    selectors = None if layers is None else list(_as_list(layers))
+    for selector in selectors or []:
+        if not (
+            isinstance(selector, (str, keras.layers.Layer))
+            or callable(selector)
+        ):
+            raise ValueError(
+                "Argument `layers` must name the layers to prune: layer "
+                "names, layer classes, layers, or functions of a layer "
+                f"returning a bool. Received an entry {selector!r}"
+            )
+
+    def chosen(layer):
+        if selectors is None:
+            return True
+        for selector in selectors:
+            if isinstance(selector, str):
+                if layer.name == selector:
+                    return True
+            elif isinstance(selector, type):
+                if isinstance(layer, selector):
+                    return True
+            elif isinstance(selector, keras.layers.Layer):
+                if layer is selector:
+                    return True
+            elif selector(layer):
+                return True
+        return False
+
+    found, skipped, seen = [], [], set()
+    for layer in _keras_internals.flatten_layers(model):
+        if id(layer) in seen or not chosen(layer):
+            continue
+        seen.add(id(layer))
+        linear = _linear(layer)
+        if isinstance(linear, _Linear):
+            found.append(linear)
+        elif isinstance(linear, str) and selectors is None:
+            skipped.append((layer.name, linear))
+        elif isinstance(linear, str):
+            raise ValueError(
+                f"Layer {layer.name!r} of class {type(layer).__name__} was "
+                f"chosen in `layers` but cannot be pruned in one shot: "
+                f"{linear}. Leave it out of `layers`."
+            )
+    names = {layer.name for layer in _keras_internals.flatten_layers(model)}
+    missing = [
+        s for s in selectors or [] if isinstance(s, str) and s not in names
+    ]
+    if missing:
+        raise ValueError(
+            f"Argument `layers` names layers that model {model.name!r} does "
+            f"not have: {missing}. Its layers: {sorted(names)}"
+        )
+    return found, skipped
+
+
+def _as_list(value):
+    return value if isinstance(value, (list, tuple, set)) else [value]
+
+
+def _to_numpy(value):
+    return keras.tree.map_structure(
+        lambda x: (
+            ops.convert_to_numpy(x) if ops.is_tensor(x) else np.asarray(x)
+        ),
+        value,
+    )
+
+
+def _batches(calibration_data, batch_size):
+    """The calibration data as a list of batches of NumPy model inputs."""
+    data = calibration_data
+    if isinstance(data, keras.utils.PyDataset):
+        items = [data[i] for i in range(len(data))]
+    elif (
+        isinstance(data, (np.ndarray, dict, list, tuple))
+        or ops.is_tensor(data)
+        or hasattr(data, "__array__")
+    ):
+        flat = keras.tree.flatten(data)
+        if not flat:
+            raise ValueError(
+                "Argument `calibration_data` is empty. Pass the model's "
+                "inputs for a few batches."
+            )
+        lengths = {np.shape(x)[0] if np.ndim(x) else None for x in flat}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(
+                "Argument `calibration_data` must hold the model's inputs, "
+                "arrays with the same number of samples along their first "
+                "axis. Received arrays of shapes "
+                f"{[tuple(np.shape(x)) for x in flat]}"
+            )
+        size = lengths.pop()
+        numpy_data = _to_numpy(data)
+        return [
+            keras.tree.map_structure(
+                lambda x, s=start: x[s : s + batch_size], numpy_data
+            )
+            for start in range(0, size, batch_size)
+        ]
+    else:
+        try:
+            items = list(data)
+        except TypeError:
+            raise ValueError(
+                "Argument `calibration_data` must be the model's inputs (an "
+                "array, or a dict or list of arrays), or an iterable of "
+                "batches (a `tf.data.Dataset`, a `keras.utils.PyDataset`, a "
+                f"generator). Received: {type(data).__name__}"
+            ) from None
+    batches = []
+    for item in items:
+        if isinstance(item, tuple):
+            item, _, _ = keras.utils.unpack_x_y_sample_weight(item)
+        batches.append(_to_numpy(item))
+    if not batches:
+        raise ValueError(
+            "Argument `calibration_data` yielded no batches. Pass the "
+            "model's inputs for a few batches."
+        )
+    return batches
+
+
+def _check_fits(model, batch):
+    """Raises a clear error when `batch` does not fit a graph model's
+    inputs."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return
+    if not inputs:
+        return
+    flat = keras.tree.flatten(batch)
+    if len(flat) != len(inputs):
+        raise ValueError(
+            f"Argument `calibration_data` must hold {len(inputs)} input(s) "
+            f"for model {model.name!r}. Received {len(flat)}: shapes "
+            f"{[tuple(np.shape(x)) for x in flat]}"
+        )
+    if isinstance(batch, dict):
+        by_name = {x.name: x for x in inputs}
+        if set(batch) <= set(by_name):
+            pairs = [(by_name[k], batch[k]) for k in batch]
+        else:
+            pairs = []
+    else:
+        pairs = list(zip(inputs, flat))
+    for symbolic, array in pairs:
+        expected = tuple(symbolic.shape)
+        received = tuple(np.shape(array))
+        if len(expected) != len(received) or any(
+            e is not None and e != r for e, r in zip(expected, received)
+        ):
+            raise ValueError(
+                "Argument `calibration_data` does not fit the inputs of "
+                f"model {model.name!r}: input {symbolic.name!r} has shape "
+                f"{expected}, the calibration batch has shape {received}. "
+                "Pass data shaped like the model's inputs (the first axis "
+                "is the sample axis)."
+            )
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the layer of interest has seen its
+    input."""
+
+
+class _Hooks:
+    """Temporarily routes calls of some layers through `on_call`.
+
+    `on_call(linear, inputs)` runs before the layer's own `call`; it may
+    raise `_Captured` to end the forward pass there.
+    """
+
+    def __init__(self, linears, on_call):
+        self.linears = linears
+        self.on_call = on_call
+        # Layers whose `call` was an instance attribute already -> it.
+        self.own_calls = {}
+
+    def __enter__(self):
+        for linear in self.linears:
+            layer = linear.layer
+            original = layer.call
+            if "call" in vars(layer):
+                self.own_calls[id(layer)] = original
+
+            def call(*args, _linear=linear, _call=original, **kwargs):
+                inputs = args[0] if args else kwargs["inputs"]
+                self.on_call(_linear, inputs)
+                return _call(*args, **kwargs)
+
+            layer.call = call
+        return self
+
+    def __exit__(self, *exc):
+        for linear in self.linears:
+            layer = linear.layer
+            if id(layer) in self.own_calls:
+                layer.call = self.own_calls[id(layer)]
+            else:
+                del layer.call
+
+
+def _run(model, batch):
+    try:
+        model(batch, training=False)
+    except _Captured:
+        pass
+
+
+def _call_checked(model, batch):
+    """Calls the model on a batch, saying which argument is wrong when it
+    fails."""
+    try:
+        model(batch, training=False)
+    except Exception as error:
+        raise ValueError(
+            f"Model {model.name!r} fails on the calibration data: "
+            f"{type(error).__name__}: {error}. Argument "
+            "`calibration_data` must hold inputs the model accepts "
+            "(`model(batch)` must run)."
+        ) from error
+
+
+def _call_order(model, linears, batch):
+    """Groups of layers, in the order the model first calls them, and how
+    many times each layer is called per forward pass.
+
+    Consecutive layers called on the very same input tensor (the query,
+    key and value projections of self-attention) form one group: they
+    share the statistics of that input, gathered in one pass. Layers never
+    called are dropped, with a warning.
+    """
+    groups, calls = [], {}
+    # The input of the current group, held so that its id is not reused.
+    current = []
+
+    def record(linear, inputs):
+        if id(linear) not in calls:
+            calls[id(linear)] = 0
+            if current and inputs is current[0]:
+                groups[-1].append(linear)
+            else:
+                groups.append([linear])
+                current[:] = [inputs]
+        calls[id(linear)] += 1
+
+    with _Hooks(linears, record):
+        _call_checked(model, batch)
+    current.clear()
+    unused = [x.layer.name for x in linears if id(x) not in calls]
+    if unused:
+        warnings.warn(
+            f"Layers {unused} are not called on the calibration data, so "
+            "they are left dense.",
+            stacklevel=3,
+        )
+    # A layer called several times sees other inputs too: it is calibrated
+    # alone.
+    split = []
+    for group in groups:
+        if len(group) > 1 and any(calls[id(x)] > 1 for x in group):
+            split.extend([x] for x in group)
+        else:
+            split.append(group)
+    return split, calls
+
+
+def _check_sparsity(sparsity):
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float, np.number))
+        or not 0.0 <= float(sparsity) < 1.0
+    ):
+        raise ValueError(
+            "Argument `sparsity` must be a number in [0, 1). "
+            f"Received: sparsity={sparsity!r}"
+        )
+    return float(sparsity)
+
+
+def _check_positive_int(name, value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value <= 0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be an integer > 0. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+@kprune_export("kprune.oneshot")
+def oneshot(
+    model: keras.Model,
+    calibration_data=None,
+    sparsity: float = 0.5,
+    method: str = "sparsegpt",
+    sparsity_m_by_n: tuple | None = None,
+    layers=None,
+    batch_size: int = 32,
+    blocksize: int = 128,
+    hessian_damping: float = 0.01,
+    verbose: int = 1,
+) -> keras.Model:
+    """Prunes a trained model in one shot, from a little calibration data.
+
+    Each `Dense`, `EinsumDense` and `Conv1D`/`Conv2D`/`Conv3D` layer
+    (those inside attention layers, keras-hub blocks and nested models
+    included) is pruned once, in the
+    order the model calls them: the model is run on the calibration data
+    with the layers before already pruned, the layer's inputs are
+    collected, the layer is pruned, and the next one follows. The model is
+    pruned in place, keeps its class, and is returned: a plain Keras model
+    whose pruned weights are exact zeros.
+
+    Each layer keeps exactly `kept_count(size, sparsity)` weights (the
+    count `kprune.ConstantSparsity` keeps), or has exactly `m` zeros in
+    every `n` consecutive input channels of each output unit for N:M. A
+    SparseGPT layer whose inputs are always zero on the calibration data
+    may have more zeros: the weights of those inputs are set to zero.
+
+    Methods:
+
+    - `"sparsegpt"`: the kept weights are updated to reconstruct the
+      layer's outputs on the calibration data (Frantar & Alistarh, 2023).
+      The mask is chosen per block of `blocksize` input columns.
+    - `"wanda"`: zeros the weights of lowest `|W_ij| * ||X_j||_2` within
+      each output unit (Sun et al., 2023); no weight update.
+    - `"magnitude"`: zeros the weights of lowest magnitude in each layer;
+      needs no calibration data.
+
+    A convolution is pruned as the matrix from its receptive field
+    (kernel positions x input channels) to its filters, its inputs
+    unfolded into one row per output position. Other layers (embeddings,
+    depthwise, separable, transposed and grouped convolutions) stay dense.
+
+    Args:
+        model: A Keras model: Sequential, functional or subclassed (one
+            that is not built is built on the first calibration batch).
+        calibration_data: The model's inputs for a few hundred samples: an
+            array, a dict or list of arrays (split into batches of
+            `batch_size`), or an iterable of batches (`tf.data.Dataset`,
+            `keras.utils.PyDataset`, a list of batches); batches that are
+            `(x, y)` tuples give their `x`. Optional for `"magnitude"`.
+        sparsity: Fraction of each layer's weights set to zero, in
+            `[0, 1)`, or a dict of layer name to sparsity: the named layers
+            are pruned, each to its own sparsity, the others stay dense.
+            Ignored when `sparsity_m_by_n` is set.
+        method: `"sparsegpt"`, `"wanda"` or `"magnitude"`.
+        sparsity_m_by_n: `None`, or `(m, n)` such as `(2, 4)`: `m` zeros in
+            every `n` consecutive input channels of each output unit (the
+            pattern `kprune.prune_low_magnitude` prunes to). `n` must divide
+            each pruned layer's input channels (for `EinsumDense`, its
+            innermost contracted axis).
+        layers: Which layers to prune: a list of layer names, layer
+            classes, layers, or functions of a layer returning a bool.
+            `None` (default): every layer that one-shot pruning covers.
+        batch_size: Batch size for array `calibration_data`.
+        blocksize: SparseGPT: the unstructured mask is chosen per block of
+            `blocksize` input columns, whose updates are applied together.
+            With `sparsity_m_by_n`, it is rounded to a multiple of `n`,
+            which does not change the result.
+        hessian_damping: SparseGPT: `hessian_damping * mean(diag(H))` is
+            added to the Hessian's diagonal.
+        verbose: 0 for silence, 1 for a progress bar of the layers.
+
+    Returns:
+        `model`, pruned.
+
+    Raises:
+        ValueError: If an argument is invalid, the calibration data does
+            not fit the model, `n` of `sparsity_m_by_n` does not divide a
+            layer's input channels, or the model has no layer to prune. The
+            model is left unchanged then, and if pruning fails half-way.
+
+    Example:
+
+    ```python
+    model = kprune.oneshot.oneshot(
+        model, x_train[:256], sparsity=0.5, method="sparsegpt"
+    )
+    # Or 2:4 with Wanda:
+    model = kprune.oneshot.oneshot(
+        model, x_train[:256], method="wanda", sparsity_m_by_n=(2, 4)
+    )
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a Keras model. Received: {model!r}"
+        )
+    if method not in _METHODS:
+        raise ValueError(
+            f"Argument `method` must be one of {sorted(_METHODS)}. "
+            f"Received: method={method!r}"
+        )
+    if isinstance(sparsity, dict):
+        if layers is not None:
+            raise ValueError(
+                "Pass per-layer sparsities either as a `sparsity` dict or "
+                "choose layers with `layers`, not both. Received both."
+            )
+        if not all(isinstance(name, str) for name in sparsity):
+            raise ValueError(
+                "A `sparsity` dict maps layer names to sparsities. "
+                f"Received keys: {list(sparsity)}"
+            )
+        sparsities = {n: _check_sparsity(s) for n, s in sparsity.items()}
+        layers = list(sparsities)
+    else:
+        sparsities = None
+        sparsity = _check_sparsity(sparsity)
+    _, _, m_by_n = validate_pruning_args((1, 1), "AVG", sparsity_m_by_n)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    blocksize = _check_positive_int("blocksize", blocksize)
+    if (
+        isinstance(hessian_damping, bool)
+        or not isinstance(hessian_damping, (int, float, np.number))
+        or not 0.0 <= hessian_damping < math.inf
+    ):
+        raise ValueError(
+            "Argument `hessian_damping` must be a number >= 0. "
+            f"Received: hessian_damping={hessian_damping!r}"
+        )
+    if m_by_n is not None:
+        # N:M groups must not straddle blocks. The blocks change only when
+        # the updates are applied, not the result, so any multiple of n
+        # does.
+        blocksize = max(blocksize // m_by_n[1], 1) * m_by_n[1]
+    algorithm = _METHODS[method]
+    batches = None
+    if algorithm.needs_data or calibration_data is not None:
+        if calibration_data is None:
+            raise ValueError(
+                f"Argument `calibration_data` is required for "
+                f"method={method!r}: pass the model's inputs for a few "
+                "hundred samples."
+            )
+        batches = _batches(calibration_data, batch_size)
+        _check_fits(model, batches[0])
+        if not model.built:
+            # A subclassed model creates its layers' weights when called.
+            _call_checked(model, batches[0])
+    linears, skipped = _select(model, layers)
+    if not linears:
+        reasons = "".join(
+            f" Layer {name!r} is left out: {why}." for name, why in skipped
+        )
+        raise ValueError(
+            f"Model {model.name!r} has no layer that one-shot pruning "
+            "covers (Dense, EinsumDense, Conv1D/2D/3D)"
+            + ("" if layers is None else " among those chosen in `layers`")
+            + "."
+            + reasons
+        )
+    if skipped:
+        warnings.warn(
+            "These layers are left dense: "
+            + "; ".join(f"{name!r}: {why}" for name, why in skipped)
+            + ".",
+            stacklevel=2,
+        )
+    if m_by_n is not None:
+        bad = [
+            f"{x.layer.name} ({x.channels})"
+            for x in linears
+            if x.channels % m_by_n[1]
+        ]
+        if bad:
+            raise ValueError(
+                f"Argument `sparsity_m_by_n` groups n={m_by_n[1]} "
+                "consecutive input channels, so n must divide each layer's "
+                "input channels (its innermost input axis). It does not "
+                f"for these layers (input channels): {bad}. Leave them out "
+                "with `layers=`."
+            )
+    if batches is not None:
+        groups, calls = _call_order(model, linears, batches[0])
+    if batches is None:
+        groups = [[linear] for linear in linears]
+    originals = []
+    progress = keras.utils.Progbar(
+        sum(len(group) for group in groups), verbose=verbose, unit_name="layer"
+    )
+    done = 0
+    try:
+        for group in groups:
+            statistics = {}
+            for linear in group:
+                if linear.signature not in statistics:
+                    statistics[linear.signature] = algorithm(linear.in_features)
+            if algorithm.needs_data:
+                _collect(model, group, statistics, batches, calls)
+            for linear in group:
+                matrix = linear.matrix()
+                originals.append((linear, matrix))
+                pruned = statistics[linear.signature].prune(
+                    matrix.T,
+                    sparsity
+                    if sparsities is None
+                    else sparsities[linear.layer.name],
+                    m_by_n,
+                    blocksize=blocksize,
+                    damping=float(hessian_damping),
+                )
+                linear.assign(pruned.T)
+                done += 1
+                progress.update(done)
+    except BaseException:
+        for linear, matrix in originals:
+            linear.assign(matrix)
+        raise
+    return model
+
+
+def _collect(model, group, statistics, batches, calls):
+    """Runs the model on each batch and feeds the inputs of `group`'s
+    layers to `statistics[layer's signature].add_batch`. The layers of a
+    group of several share one input tensor, so each signature's rows are
+    added once per pass, and the pass stops once every layer has been
+    called; a lone layer may be called several times, on different inputs,
+    and takes them all."""
+    once = all(calls[id(linear)] == 1 for linear in group)
+    seen = []
+
+    def record(linear, inputs):
+        if len(group) == 1 or all(
+            x.signature != linear.signature for x in seen
+        ):
+            statistics[linear.signature].add_batch(linear.rows(inputs))
+        seen.append(linear)
+        if once and len(seen) == len(group):
+            raise _Captured()
+
+    with _Hooks(group, record):
+        for batch in batches:
+            seen.clear()
+            _run(model, batch)
