@@ -462,3 +462,37 @@ def test_model_that_drops_training_says_to_pass_it_on():
     x, y = classification_data()
     with pytest.raises(RuntimeError, match="training=training"):
         fit_pruned(net, x, y)
+
+
+@pytest.mark.parametrize(
+    "equation,output_shape,groups_axis",
+    [
+        # An attention query kernel (hidden 8, 2 heads, 4 per head): the
+        # inputs are on axis 0, the heads on axis -2.
+        ("abc,cde->abde", (3, 2, 4), 0),
+        # An attention output kernel (2 heads, 4 per head, hidden 8): the
+        # inputs are axes 0 and 1, consecutive along axis 1.
+        ("abcd,cde->abe", (3, 8), 1),
+    ],
+)
+def test_m_by_n_groups_the_contracted_axis_of_einsum_dense_kernels(
+    equation, output_shape, groups_axis
+):
+    inputs = keras.Input((3, 8) if equation.startswith("abc,") else (3, 2, 4))
+    outputs = layers.EinsumDense(equation, output_shape)(inputs)
+    model = keras.Sequential(
+        [keras.Model(inputs, outputs), layers.Flatten(), layers.Dense(2)]
+    )
+    pruned = compile_classifier(
+        kprune.prune_low_magnitude(
+            model,
+            kprune.ConstantSparsity(0.5, 0, frequency=1),
+            sparsity_m_by_n=(2, 4),
+        )
+    )
+    x, y = classification_data(shape=tuple(inputs.shape[1:]), classes=2)
+    fit_pruned(pruned, x, y)
+    kernel, _ = pruned_weights(pruned)[0]
+    moved = np.moveaxis(kernel, groups_axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], -1, 4)
+    assert ((groups != 0).sum(axis=-1) == 2).all()

@@ -195,8 +195,28 @@ def register_prunable_layer(layer_class, weight_names) -> None:
 
 def input_channel_axis(layer) -> int:
     """The input-channel axis of `layer`'s kernels, along which N:M groups
-    run: -2 for Dense and Conv kernels, -1 for transposed convolutions."""
-    return -1 if isinstance(layer, _INPUT_CHANNELS_LAST) else -2
+    run: -2 for Dense and Conv kernels, -1 for transposed convolutions,
+    and for `EinsumDense` the last kernel axis its equation contracts with
+    the input (the query kernel `"abc,cde->abde"` of attention reads its
+    inputs on axis 0, not on the heads axis -2)."""
+    if isinstance(layer, _INPUT_CHANNELS_LAST):
+        return -1
+    if isinstance(layer, keras.layers.EinsumDense):
+        return _contracted_axis(layer.equation)
+    return -2
+
+
+def _contracted_axis(equation):
+    inputs, output = equation.replace(" ", "").split("->")
+    source, kernel = inputs.split(",")
+    contracted = [
+        i
+        for i, letter in enumerate(kernel)
+        if letter in source and letter not in output
+    ]
+    # With several contracted axes (the output kernel "abcd,cde->abe"),
+    # the last one runs along consecutive inputs of the flattened input.
+    return (contracted[-1] if contracted else len(kernel) - 2) - len(kernel)
 
 
 def _registered_names(layer):
