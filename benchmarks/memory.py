@@ -5,7 +5,9 @@ kernel (or not, for `--plain`), and trains 3 batches of 256 with Adam and
 `PolynomialDecay(0.5, 0.9, frequency=1)`, so each batch updates every mask.
 Prints one JSON line: the bytes of the masks per pruned weight (from the
 mask variables' dtypes and sizes), the peak resident memory of the process
-(`ru_maxrss`) and the resident memory after training. Peak memory counts only
+(`ru_maxrss`), the resident memory after training and the peak of
+TensorFlow's CPU allocator (tensors in use; both libraries run on
+TensorFlow). Peak memory counts only
 within one process, so each configuration runs in its own: compare a pruned
 run with the plain run of the same Keras. Plain runs import the pruning
 library too, so its import is not counted as pruning memory. Run it through
@@ -36,8 +38,18 @@ else:
 
     import kprune as sparsity
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 BATCH = 256
+
+
+def allocator_mib(key):
+    """TensorFlow's CPU allocator: bytes of tensors in use, `"current"` or
+    `"peak"`, in MiB. Unlike the process's resident memory, it leaves out
+    the allocator's free blocks and the interpreter's own memory."""
+    return round(
+        tf.config.experimental.get_memory_info("CPU:0")[key] / 2**20, 1
+    )
 
 
 def rss_mib():
@@ -92,6 +104,7 @@ print(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
             ),
             "rss_after_mib": round(rss_mib(), 1),
+            "tensor_peak_mib": allocator_mib("peak"),
         }
     ),
     flush=True,
