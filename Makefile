@@ -36,7 +36,7 @@ bench-full: $(VENV)/.installed
 	bash benchmarks/bench.sh --full
 
 # Dense vs structured-pruned CPU latency, Keras and LiteRT, for ResNet50,
-# MobileNetV2 and a BERT encoder (issue 13; about 20 minutes on 2 cores;
+# MobileNetV2 and a BERT encoder (issue 13; about 6 minutes on 2 cores;
 # BENCH_ARGS=--quick for a smoke run). Table: benchmarks/README.md.
 BENCH_ARGS ?=
 bench-latency: $(VENV)/.installed

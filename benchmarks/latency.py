@@ -20,7 +20,7 @@ classes) at 50% of channels, a keras-hub `BertBackbone` (4 layers, hidden
 (a small residual CNN, for smoke tests). Prints one JSON line per model,
 runtime and batch, and appends them to `--out`.
 
-Run: `nice python benchmarks/latency.py` (TensorFlow backend; about 20
+Run: `nice python benchmarks/latency.py` (TensorFlow backend; about 6
 minutes on 2 cores), `--quick` for a smoke run (32x32 inputs, sequence
 32, fewer rounds), `--summary` to print the markdown table of the latest
 full run in `--out`.
