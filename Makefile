@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint format clean bench bench-full docs
+.PHONY: demo test test-all lint format clean bench bench-full bench-latency docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ bench: $(VENV)/.installed
 
 bench-full: $(VENV)/.installed
 	bash benchmarks/bench.sh --full
+
+# Dense vs structured-pruned CPU latency, Keras and LiteRT, for ResNet50,
+# MobileNetV2 and a BERT encoder (issue 13; about 6 minutes on 2 cores;
+# BENCH_ARGS=--quick for a smoke run). Table: benchmarks/README.md.
+BENCH_ARGS ?=
+bench-latency: $(VENV)/.installed
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/latency.py $(BENCH_ARGS)
+	$(PY) benchmarks/latency.py --summary $(filter --quick,$(BENCH_ARGS))
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples benchmarks

@@ -1,0 +1,46 @@
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "latency.py"
+
+
+@pytest.fixture(scope="module")
+def latency():
+    spec = importlib.util.spec_from_file_location("latency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_latency_benchmark_shrinks_times_and_summarizes(latency, tmp_path):
+    out = tmp_path / "latency.jsonl"
+    latency.main(
+        [
+            "--quick",
+            "--models",
+            "tiny",
+            "--runtimes",
+            "keras",
+            "--batches",
+            "1",
+            "--rounds",
+            "1",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["parameters_shrunk"] < row["parameters_dense"]
+    assert row["max_gap_shrunk_vs_masked"] < 1e-4
+    assert row["ms_dense"] > 0 and row["ms_shrunk"] > 0
+    # The output layer keeps its units, and the row says why.
+    assert row["layers_left_whole"] == {"out": "its output is a model output"}
+    table = latency.summary(str(out), quick=True)
+    assert "| tiny | keras | 1 |" in table
+    assert "No full run" in latency.summary(str(out), quick=False)
