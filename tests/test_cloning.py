@@ -15,6 +15,7 @@ from testing import compile_classifier
 from testing import fit_pruned
 from testing import pruned_weights
 from testing import reference_kept
+from testing import tiny_gpt2
 
 SCHEDULE = kprune.ConstantSparsity(0.5, 0, frequency=1)
 
@@ -236,30 +237,6 @@ def _no_network(monkeypatch):
         raise OSError("tests must not use the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-def tiny_gpt2():
-    import keras_hub
-
-    vocabulary = {"<|endoftext|>": 0, "Ġ": 1, "a": 2, "b": 3, "c": 4}
-    vocabulary.update({"Ġa": 5, "Ġb": 6, "Ġc": 7})
-    tokenizer = keras_hub.models.GPT2Tokenizer(
-        vocabulary=vocabulary, merges=["Ġ a", "Ġ b", "Ġ c"]
-    )
-    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
-        tokenizer=tokenizer, sequence_length=8
-    )
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=16,
-    )
-    return keras_hub.models.GPT2CausalLM(
-        backbone=backbone, preprocessor=preprocessor
-    )
 
 
 def assert_generates(model):

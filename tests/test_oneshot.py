@@ -20,6 +20,7 @@ from kprune import oneshot as oneshot_module
 from kprune.oneshot import oneshot
 from testing import reference_kept
 from testing import slow_except
+from testing import tiny_gpt2
 
 
 def reference_magnitude(weights, sparsity):
@@ -310,16 +311,8 @@ def test_calibration_data_may_be_an_iterable_of_batches_or_of_x_y_pairs():
     # any other iterable.
     x = _inputs("sequential", 96)
     weights = _mlp().get_weights()
-    results = []
     pairs = ((x[i : i + 48], None) for i in (0, 48))
-    for data in (x, iter([x[:48], x[48:]]), pairs):
-        model = _mlp()
-        model.set_weights(weights)
-        oneshot(model, data, batch_size=48, verbose=0)
-        results.append([kernel(layer) for layer in model.layers])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert_same_pruning(weights, (x, iter([x[:48], x[48:]]), pairs))
 
 
 def test_layers_argument_prunes_only_the_chosen_layers():
@@ -537,27 +530,23 @@ def test_a_failure_half_way_restores_the_pruned_layers(monkeypatch):
     _unchanged(model, before)
 
 
+def assert_same_pruning(weights, calibration_sources):
+    """The MLP with `weights`, pruned from each source of the same
+    calibration batches, gets the same kernels."""
+    results = []
+    for data in calibration_sources:
+        model = _mlp()
+        model.set_weights(weights)
+        oneshot(model, data, batch_size=48, verbose=0)
+        results.append([kernel(layer) for layer in model.layers])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _tiny_gpt2_causal_lm():
-    keras_hub = pytest.importorskip("keras_hub")
-    vocabulary = {"<|endoftext|>": 0, "Ġ": 1, "a": 2, "b": 3, "c": 4}
-    vocabulary.update({"Ġa": 5, "Ġb": 6, "Ġc": 7})
-    tokenizer = keras_hub.models.GPT2Tokenizer(
-        vocabulary=vocabulary, merges=["Ġ a", "Ġ b", "Ġ c"]
-    )
-    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
-        tokenizer=tokenizer, sequence_length=8
-    )
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=16,
-    )
-    return keras_hub.models.GPT2CausalLM(
-        backbone=backbone, preprocessor=preprocessor
-    )
+    pytest.importorskip("keras_hub")
+    return tiny_gpt2()
 
 
 @pytest.mark.slow
@@ -652,19 +641,14 @@ def test_calibration_data_may_be_a_tf_dataset_or_a_py_dataset():
 
     x = _inputs("sequential", 96)
     weights = _mlp().get_weights()
-    results = []
-    for data in (
-        x,
-        tf.data.Dataset.from_tensor_slices((x, x[:, :4])).batch(48),
-        _Batches(x),
-    ):
-        model = _mlp()
-        model.set_weights(weights)
-        oneshot(model, data, batch_size=48, verbose=0)
-        results.append([kernel(layer) for layer in model.layers])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert_same_pruning(
+        weights,
+        (
+            x,
+            tf.data.Dataset.from_tensor_slices((x, x[:, :4])).batch(48),
+            _Batches(x),
+        ),
+    )
 
 
 def test_dict_calibration_data_of_the_wrong_shape_names_the_input():

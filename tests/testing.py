@@ -118,3 +118,29 @@ def fit_pruned(model, x, y, epochs=1, batch_size=4, callbacks=(), **kwargs):
         callbacks=[kprune.UpdatePruningStep(), *callbacks],
         **kwargs,
     )
+
+
+def tiny_gpt2():
+    """A keras-hub `GPT2CausalLM` of a few hundred weights, built offline
+    (vocabulary of 8 tokens, 2 blocks of width 8)."""
+    import keras_hub
+
+    vocabulary = {"<|endoftext|>": 0, "Ġ": 1, "a": 2, "b": 3, "c": 4}
+    vocabulary.update({"Ġa": 5, "Ġb": 6, "Ġc": 7})
+    tokenizer = keras_hub.models.GPT2Tokenizer(
+        vocabulary=vocabulary, merges=["Ġ a", "Ġ b", "Ġ c"]
+    )
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=8
+    )
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+    return keras_hub.models.GPT2CausalLM(
+        backbone=backbone, preprocessor=preprocessor
+    )
