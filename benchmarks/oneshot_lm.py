@@ -30,8 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
-
-import kprune  # noqa: E402
+from oneshot_quality import pruned_copies  # noqa: E402
 
 CONTEXT = 128
 
@@ -119,21 +118,9 @@ def main():
             for t in ("0.5", "2:4")
             for m in ("magnitude", "wanda", "sparsegpt")
         ]
-        for method, target in runs:
-            model = build_model()
-            model.set_weights(weights)
-            seconds = 0.0
-            if method != "dense":
-                kwargs = (
-                    {"sparsity_m_by_n": (2, 4)}
-                    if target == "2:4"
-                    else {"sparsity": float(target)}
-                )
-                start = time.perf_counter()
-                kprune.oneshot.oneshot(
-                    model, calibration, method=method, verbose=0, **kwargs
-                )
-                seconds = time.perf_counter() - start
+        for method, target, model, seconds in pruned_copies(
+            build_model, weights, calibration, runs
+        ):
             record = {
                 "backend": keras.backend.backend(),
                 "seed": seed,

@@ -36,6 +36,29 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 TARGETS = ("0.5", "0.7", "0.9", "2:4")
 
 
+def pruned_copies(build_model, weights, calibration, runs):
+    """For each `(method, target)` of `runs` ("dense" or a `oneshot`
+    method; a sparsity or "2:4"), a fresh model with `weights`, pruned in
+    one shot from `calibration`: yields `(method, target, model,
+    seconds)`, the seconds of the `oneshot` call (0 for "dense")."""
+    for method, target in runs:
+        model = build_model()
+        model.set_weights(weights)
+        seconds = 0.0
+        if method != "dense":
+            kwargs = (
+                {"sparsity_m_by_n": (2, 4)}
+                if target == "2:4"
+                else {"sparsity": float(target)}
+            )
+            start = time.perf_counter()
+            kprune.oneshot.oneshot(
+                model, calibration, method=method, verbose=0, **kwargs
+            )
+            seconds = time.perf_counter() - start
+        yield method, target, model, seconds
+
+
 def build_model():
     return keras.Sequential(
         [
@@ -85,21 +108,9 @@ def main():
             rng.choice(len(x_train), args.calibration, replace=False)
         ]
         runs = [("dense", "0")] + [(m, t) for t in TARGETS for m in METHODS]
-        for method, target in runs:
-            model = build_model()
-            model.set_weights(weights)
-            seconds = 0.0
-            if method != "dense":
-                kwargs = (
-                    {"sparsity_m_by_n": (2, 4)}
-                    if target == "2:4"
-                    else {"sparsity": float(target)}
-                )
-                start = time.perf_counter()
-                kprune.oneshot.oneshot(
-                    model, calibration, method=method, verbose=0, **kwargs
-                )
-                seconds = time.perf_counter() - start
+        for method, target, model, seconds in pruned_copies(
+            build_model, weights, calibration, runs
+        ):
             record = {
                 "dataset": name,
                 "backend": keras.backend.backend(),
