@@ -1,4 +1,4 @@
-"""LiteRT (TensorFlow Lite) export of pruned models."""
+"""Export of pruned models: LiteRT files, and 2:4 kernels for NVIDIA GPUs."""
 
 import os
 
