@@ -46,7 +46,12 @@ MODULE_NAMES = {
         "structured_plan",
     },
     "kprune.sensitivity": {"SensitivityResult", "sensitivity_analysis"},
-    "kprune.export": {"export_litert", "xnnpack_sparse_problems"},
+    "kprune.export": {
+        "export_litert",
+        "semi_structured_to_dense",
+        "semi_structured_weights",
+        "xnnpack_sparse_problems",
+    },
     "kprune.compression": {"load_compact", "save_compact"},
     "kprune.report": {"sparsity_report", "summary"},
     "kprune.plots": {"plot_mask", "plot_schedule", "plot_sparsity"},
@@ -88,6 +93,8 @@ NEW_NAMES = {
     "MaskGroup",
     "make_xnnpack_compatible",
     "oneshot",
+    "semi_structured_to_dense",
+    "semi_structured_weights",
     "xnnpack_sparse_problems",
 }
 

@@ -1,12 +1,14 @@
-"""LiteRT (TensorFlow Lite) export of pruned models."""
+"""Export of pruned models: LiteRT files, and 2:4 kernels for NVIDIA GPUs."""
 
 import os
 
 import keras
 import numpy as np
 
+from kprune import _keras_internals
 from kprune.api_export import kprune_export
 from kprune.compression import _plain_model
+from kprune.wrapper import collect_pruned_layers
 
 LITERT_QUANTIZE_OPTIONS = (None, "dynamic_range")
 
@@ -699,3 +701,340 @@ class _Graph:
                 f"({zeros / params:.1%}): XNNPACK needs more than 2/3."
             )
         return list(dict.fromkeys(problems))
+
+
+# Shapes of the (out, in) matrix that both of PyTorch's 2:4 backends accept
+# (PyTorch 2.13, `torch/sparse/semi_structured.py`): rows and columns must
+# be multiples of these. CUTLASS needs (32, 64) for float16 and bfloat16
+# and (16, 128) for int8; cuSPARSELt (16, 16) and (32, 32).
+_SEMI_STRUCTURED_ALIGNMENT = {
+    "float16": (32, 64),
+    "bfloat16": (32, 64),
+    "int8": (32, 128),
+}
+
+
+@kprune_export("kprune.export")
+def semi_structured_weights(
+    model,
+    m_by_n: tuple = (2, 4),
+    layers: list | None = None,
+    dtype: str | None = "float16",
+) -> dict:
+    """N:M sparse kernels in the layout of NVIDIA's sparse tensor cores.
+
+    NVIDIA GPUs from Ampere on (compute capability 8.0+) multiply 2:4
+    sparse matrices at up to twice the dense math rate: cuSPARSELt and
+    CUTLASS, which PyTorch's `torch.sparse.to_sparse_semi_structured`
+    calls, take the sparse operand as a row-major (out, in) matrix in
+    which every 4 consecutive entries of a row (along the reduction, or
+    input, dimension) hold at most 2 nonzeros, and store it as the kept
+    values, of shape (out, in / 2), plus 2-bit positions. kprune's
+    `sparsity_m_by_n=(2, 4)` prunes along each kernel's input axis, so
+    its kernels map onto that layout:
+
+    - `Dense`: the kernel transposed, `(units, input_dim)`, PyTorch's
+      `nn.Linear.weight`.
+    - `EinsumDense`: the kernel's axes that its equation contracts with
+      the input, flattened in the kernel's order, are the columns; its
+      other axes, flattened in the kernel's order, are the rows. For the
+      attention query kernel `"abc,cde->abde"` of shape
+      `(hidden, heads, head_dim)` that is `(heads * head_dim, hidden)`;
+      for the output kernel `"abcd,cde->abe"` of shape
+      `(heads, head_dim, hidden)` it is `(hidden, heads * head_dim)`.
+    - `Conv1D`, `Conv2D`, `Conv3D` (with `groups=1`): `(filters,
+      kh * kw * in)`, the kernel as an implicit GEMM reads it on
+      channels-last (NHWC) inputs, input channels innermost (cuDNN's KRSC
+      filter layout). PyTorch's own `(out, in, kh, kw)` layout flattened
+      would break the groups, which run along input channels.
+
+    Pruned models are stripped first (see `kprune.strip_pruning`).
+    Depthwise, separable and transposed convolutions have no such matrix
+    and are not exported.
+
+    Args:
+        model: A Keras model pruned with `sparsity_m_by_n=m_by_n`, or
+            stripped after such pruning.
+        m_by_n: `(m, n)`: at least `m` zeros in every `n` consecutive
+            inputs of each row. Sparse tensor cores run only `(2, 4)`.
+        layers: Names (or `layer.path`s) of the layers to export; a
+            layer that holds others (a `MultiHeadAttention`) stands for
+            the `Dense`, `EinsumDense` and convolutions inside it. `None`
+            exports, for a pruned model, the layers pruned with
+            `sparsity_m_by_n=m_by_n`, and for a stripped model every
+            `Dense`, `EinsumDense` and convolution: name the N:M layers
+            to leave the others dense.
+        dtype: The dtype the matrices will run in on the GPU:
+            `"float16"`, `"bfloat16"` or `"int8"`, whose shape rules are
+            checked, or `None` to check none. The rule is the one both of
+            PyTorch's 2:4 backends (CUTLASS and cuSPARSELt) accept: rows
+            (outputs) a multiple of 32, and columns (inputs) a multiple
+            of 64 for 16-bit floats, of 128 for int8. The rule applies to
+            `m_by_n=(2, 4)` only. The returned arrays keep the kernels'
+            dtype; cast them.
+
+    Returns:
+        A dict from each layer's `path` to a dict with `"matrix"`, the
+        `(out, in)` NumPy array; `"values"`, its kept entries, of shape
+        `(out, in * (n - m) / n)`, group by group; `"indices"`, a uint8
+        array of the same shape giving each kept entry's position (0 to
+        `n - 1`) in its group of `n`, ascending within the group; and
+        `"kernel_shape"`, the Keras kernel's shape.
+        `kprune.export.semi_structured_to_dense` turns values and indices
+        back into the matrix.
+
+    Raises:
+        ValueError: If `model` is not a Keras model, `m_by_n` or `dtype`
+            is invalid, a name in `layers` is unknown or its layer has no
+            GEMM matrix, or a layer's matrix breaks the N:M pattern along
+            its inputs or the shape rule of `dtype` (the message names
+            the layer and says it can be left dense).
+
+    Example:
+
+    ```python
+    pruned = kprune.prune_low_magnitude(
+        model, kprune.ConstantSparsity(0.5, 0), sparsity_m_by_n=(2, 4)
+    )
+    # ... train with kprune.UpdatePruningStep() ...
+    for path, w in kprune.export.semi_structured_weights(pruned).items():
+        print(path, w["matrix"].shape, w["values"].shape)
+    ```
+    """
+    m, n = _check_m_by_n(m_by_n)
+    if dtype is not None and dtype not in _SEMI_STRUCTURED_ALIGNMENT:
+        raise ValueError(
+            "Argument `dtype` must be one of "
+            f"{sorted(_SEMI_STRUCTURED_ALIGNMENT)} or None. "
+            f"Received: dtype={dtype!r}"
+        )
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a Keras model. Received: model={model!r}"
+        )
+    wrapped = collect_pruned_layers(model)
+    pruned_names = None
+    if layers is None and wrapped:
+        pruned_names = [
+            w.layer.name
+            for w in wrapped
+            if w.sparsity_m_by_n is not None
+            and tuple(w.sparsity_m_by_n) == (m, n)
+        ]
+    found = [
+        layer
+        for layer in _keras_internals.flatten_layers(_plain_model(model))
+        if getattr(layer, "kernel", None) is not None
+    ]
+    if layers is None and pruned_names is None:
+        chosen = [layer for layer in found if _gemm_kind(layer)]
+    elif layers is None:
+        chosen = [
+            layer
+            for layer in found
+            if _gemm_kind(layer)
+            and any(_named(layer, name) for name in pruned_names)
+        ]
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        chosen = []
+        for name in layers:
+            matches = [
+                layer
+                for layer in found
+                if name in (layer.name, layer.path)
+                or (_named(layer, name) and _gemm_kind(layer))
+            ]
+            if not matches:
+                raise ValueError(
+                    f"Argument `layers` names {name!r}, which is no layer "
+                    "with a kernel in `model`, nor holds one. Layers with "
+                    f"kernels: {[layer.path for layer in found]}"
+                )
+            chosen.extend(x for x in matches if x not in chosen)
+    result = {}
+    for layer in chosen:
+        matrix = _gemm_matrix(layer)
+        _check_semi_structured(layer, matrix, m, n, dtype)
+        values, indices = _compress(matrix, m, n)
+        result[layer.path] = {
+            "matrix": matrix,
+            "values": values,
+            "indices": indices,
+            "kernel_shape": tuple(layer.kernel.shape),
+        }
+    return result
+
+
+@kprune_export("kprune.export")
+def semi_structured_to_dense(values, indices, m_by_n: tuple = (2, 4)):
+    """Rebuilds an `(out, in)` matrix from its N:M compressed form.
+
+    The inverse of the `"values"` and `"indices"` that
+    `kprune.export.semi_structured_weights` returns.
+
+    Args:
+        values: Array of shape `(out, in * (n - m) / n)`: the kept entries,
+            `n - m` per group of `n` inputs.
+        indices: Integer array of the same shape: each kept entry's
+            position (0 to `n - 1`) in its group.
+        m_by_n: `(m, n)`.
+
+    Returns:
+        The `(out, in)` NumPy array, zero outside the kept positions.
+
+    Raises:
+        ValueError: If `m_by_n` is invalid or the shapes disagree.
+
+    Example:
+
+    ```python
+    w = kprune.export.semi_structured_weights(pruned)["sequential/dense"]
+    matrix = kprune.export.semi_structured_to_dense(
+        w["values"], w["indices"]
+    )
+    ```
+    """
+    m, n = _check_m_by_n(m_by_n)
+    values = np.asarray(values)
+    indices = np.asarray(indices)
+    kept = n - m
+    if (
+        values.ndim != 2
+        or values.shape != indices.shape
+        or values.shape[1] % kept
+    ):
+        raise ValueError(
+            "Arguments `values` and `indices` must be 2-D arrays of the "
+            f"same shape, with a multiple of {kept} columns. Received: "
+            f"values.shape={values.shape}, indices.shape={indices.shape}"
+        )
+    rows, columns = values.shape
+    groups = columns // kept
+    dense = np.zeros((rows, groups, n), dtype=values.dtype)
+    np.put_along_axis(
+        dense,
+        indices.reshape(rows, groups, kept).astype(np.intp),
+        values.reshape(rows, groups, kept),
+        axis=-1,
+    )
+    return dense.reshape(rows, groups * n)
+
+
+def _check_m_by_n(m_by_n):
+    try:
+        m, n = (int(v) for v in m_by_n)
+    except (TypeError, ValueError):
+        m, n = 0, 0
+    if not 0 < m < n:
+        raise ValueError(
+            "Argument `m_by_n` must be a tuple (m, n) of integers with "
+            f"0 < m < n. Received: m_by_n={m_by_n!r}"
+        )
+    return m, n
+
+
+def _named(layer, name):
+    """Whether `layer` is called `name` or lies inside a layer so called
+    (a pruned `MultiHeadAttention` holds the `EinsumDense` kernels)."""
+    return (
+        name in (layer.name, layer.path)
+        or name in layer.path.split("/")[:-1]
+        or layer.path.startswith(name + "/")
+    )
+
+
+def _gemm_kind(layer):
+    """Which GEMM matrix `layer`'s kernel has, or None."""
+    if isinstance(layer, keras.layers.Dense):
+        return "dense"
+    if isinstance(layer, keras.layers.EinsumDense):
+        return "einsum"
+    if isinstance(
+        layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    ):
+        return "conv"
+    return None
+
+
+def _gemm_matrix(layer):
+    """`layer`'s kernel as the (out, in) matrix of its GEMM."""
+    kind = _gemm_kind(layer)
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    if kind == "dense":
+        return np.ascontiguousarray(kernel.T)
+    if kind == "conv" and getattr(layer, "groups", 1) == 1:
+        return np.ascontiguousarray(
+            np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1)
+        )
+    if kind == "einsum":
+        inputs, output = layer.equation.replace(" ", "").split("->")
+        source, letters = inputs.split(",")
+        batch = [c for c in letters if c in source and c in output]
+        contracted = [
+            i for i, c in enumerate(letters) if c in source and c not in output
+        ]
+        if contracted and not batch and "." not in letters:
+            rest = [i for i in range(kernel.ndim) if i not in contracted]
+            columns = int(np.prod([kernel.shape[i] for i in contracted]))
+            return np.ascontiguousarray(
+                kernel.transpose(rest + contracted).reshape(-1, columns)
+            )
+    raise ValueError(
+        f"Layer {layer.path!r} ({type(layer).__name__}) has no single "
+        "(out, in) matrix for a 2:4 sparse GEMM: supported are Dense, "
+        "EinsumDense without batch axes in its kernel, and Conv1D/2D/3D "
+        "with groups=1. Leave it out of `layers` to keep it dense."
+    )
+
+
+def _check_semi_structured(layer, matrix, m, n, dtype):
+    rows, columns = matrix.shape
+    leave_dense = "Leave it out of `layers` to keep it dense"
+    if columns % n:
+        raise ValueError(
+            f"Layer {layer.path!r}: its (out, in) matrix of shape "
+            f"{matrix.shape} has {columns} inputs, not a multiple of {n}, "
+            f"so it has no {m}:{n} layout. {leave_dense}."
+        )
+    nonzero = (matrix != 0).reshape(rows, columns // n, n).sum(axis=-1)
+    broken = np.argwhere(nonzero > n - m)
+    if broken.size:
+        row, group = broken[0]
+        raise ValueError(
+            f"Layer {layer.path!r}: its kernel breaks the {m}:{n} pattern "
+            f"along its inputs in {len(broken)} of {nonzero.size} groups; "
+            f"the first is row {row}, inputs {group * n} to "
+            f"{group * n + n - 1}, with {nonzero[row, group]} nonzeros "
+            f"(at most {n - m} allowed). Prune it with "
+            f"`sparsity_m_by_n=({m}, {n})` and train at least one step "
+            "with `kprune.UpdatePruningStep()`, or leave it out of "
+            "`layers` to keep it dense."
+        )
+    if dtype is None or (m, n) != (2, 4):
+        return
+    min_rows, min_columns = _SEMI_STRUCTURED_ALIGNMENT[dtype]
+    if rows % min_rows or columns % min_columns:
+        raise ValueError(
+            f"Layer {layer.path!r}: its (out, in) matrix of shape "
+            f"{matrix.shape} breaks the shape rule of PyTorch's 2:4 "
+            f"kernels for {dtype}: outputs must be a multiple of "
+            f"{min_rows} and inputs a multiple of {min_columns}. "
+            f"{leave_dense}, or give it such a shape."
+        )
+
+
+def _compress(matrix, m, n):
+    """Kept values and their positions in each group of `n`."""
+    rows, columns = matrix.shape
+    groups = matrix.reshape(rows, columns // n, n)
+    # Nonzeros first, in index order; a group with fewer than n - m
+    # nonzeros keeps its first zeros too, so every group keeps n - m.
+    order = np.argsort(groups == 0, axis=-1, kind="stable")
+    indices = np.sort(order[..., : n - m], axis=-1)
+    values = np.take_along_axis(groups, indices, axis=-1)
+    return (
+        values.reshape(rows, -1),
+        indices.astype(np.uint8).reshape(rows, -1),
+    )
