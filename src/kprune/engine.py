@@ -171,6 +171,12 @@ class LayerMasks(MaskGroup):
     def __init__(self, wrapper):
         super().__init__([wrapper])
         self.wrapper = wrapper
+        # N:M groups run along each weight's own input axis: the weights
+        # of an attention layer belong to its projections.
+        self.input_axes = [
+            registry.weight_input_axis(wrapper.layer, weight)
+            for weight, _, _ in wrapper.pruning_vars
+        ]
 
     def schedule(self, step):
         should_prune, sparsity = super().schedule(step)
@@ -190,9 +196,9 @@ class LayerMasks(MaskGroup):
                 block_size=wrapper.block_size,
                 pooling_type=wrapper.block_pooling_type,
                 m_by_n=wrapper.sparsity_m_by_n,
-                m_by_n_axis=registry.input_channel_axis(wrapper.layer),
+                m_by_n_axis=axis,
             )
-            for weight in weights
+            for weight, axis in zip(weights, self.input_axes)
         ]
         return [mask for mask, _ in pairs], [t for _, t in pairs]
 

@@ -20,6 +20,8 @@ A layer is, for pruning, one of:
 
 import keras
 
+from kprune._keras_internals import flatten_layers
+from kprune._keras_internals import own_variables
 from kprune._keras_internals import sublayers
 from kprune.api_export import kprune_export
 from kprune.prunable_layer import PrunableLayer
@@ -204,6 +206,19 @@ def input_channel_axis(layer) -> int:
     if isinstance(layer, keras.layers.EinsumDense):
         return _contracted_axis(layer.equation)
     return -2
+
+
+def weight_input_axis(layer, weight) -> int:
+    """The input-channel axis of `weight`, a prunable weight of `layer`.
+
+    It is the axis of the layer that owns the weight, which for a layer
+    that holds sublayers (`MultiHeadAttention` and its `EinsumDense`
+    projections, a keras-hub block) is the sublayer, not `layer`.
+    """
+    for owner in flatten_layers(layer, include_self=True):
+        if any(v is weight for v in own_variables(owner)):
+            return input_channel_axis(owner)
+    return input_channel_axis(layer)
 
 
 def _contracted_axis(equation):

@@ -150,8 +150,8 @@ def sparsity_report(model) -> dict:
             weights = registry.get_prunable_weights(layer)
         except ValueError:
             continue
-        axis = registry.input_channel_axis(layer)
         for weight in weights:
+            axis = registry.weight_input_axis(layer, weight)
             values = _numpy(weight)
             m_by_n = _m_by_n_pattern(values, axis) if values.ndim >= 2 else None
             block = None if m_by_n else _block_pattern(values)
