@@ -886,10 +886,31 @@ def oneshot(
                 f"for these layers (input channels): {bad}. Leave them out "
                 "with `layers=`."
             )
+    calls = None
     if batches is not None:
         groups, calls = _call_order(model, linears, batches[0])
     if batches is None:
         groups = [[linear] for linear in linears]
+
+    def prune(linear, statistics, matrix):
+        return statistics.prune(
+            matrix.T,
+            sparsity if sparsities is None else sparsities[linear.layer.name],
+            m_by_n,
+            blocksize=blocksize,
+            damping=float(hessian_damping),
+        ).T
+
+    _sequential(model, groups, algorithm, batches, calls, prune, verbose)
+    return model
+
+
+def _sequential(model, groups, algorithm, batches, calls, transform, verbose):
+    """Replaces each layer's matrix by `transform(linear, statistics,
+    matrix)`, group after group in call order, each group calibrated on
+    the outputs of the groups already transformed. If anything fails, every
+    layer transformed so far gets its matrix back before the error is
+    raised."""
     originals = []
     progress = keras.utils.Progbar(
         sum(len(group) for group in groups), verbose=verbose, unit_name="layer"
@@ -906,23 +927,15 @@ def oneshot(
             for linear in group:
                 matrix = linear.matrix()
                 originals.append((linear, matrix))
-                pruned = statistics[linear.signature].prune(
-                    matrix.T,
-                    sparsity
-                    if sparsities is None
-                    else sparsities[linear.layer.name],
-                    m_by_n,
-                    blocksize=blocksize,
-                    damping=float(hessian_damping),
+                linear.assign(
+                    transform(linear, statistics[linear.signature], matrix)
                 )
-                linear.assign(pruned.T)
                 done += 1
                 progress.update(done)
     except BaseException:
         for linear, matrix in originals:
             linear.assign(matrix)
         raise
-    return model
 
 
 def _collect(model, group, statistics, batches, calls):
@@ -948,3 +961,289 @@ def _collect(model, group, statistics, batches, calls):
         for batch in batches:
             seen.clear()
             _run(model, batch)
+
+
+class _MaskedGPTQ(_SparseGPT):
+    """GPTQ (Frantar et al., 2023) that keeps every zero weight at zero.
+
+    GPTQ quantizes the columns one after the other and spreads each
+    column's quantization error over the columns not yet quantized, which
+    moves zero weights away from zero. Here a weight that is zero before
+    quantizing is quantized to the zero point (so it dequantizes to exactly
+    0) whatever the updates made of it, and its own error is spread like
+    any other: SparseGPT's joint sparsification and quantization with the
+    mask fixed.
+    """
+
+    def quantize(
+        self, weights, bits, group_size, symmetric, blocksize, damping
+    ):
+        """`weights`: `(out, in)` float64. Returns the dequantized weights
+        and Keras's GPTQ encoding of them: integer levels `(out, in)`,
+        scales and zero points `(out, groups)`."""
+        weights = weights.copy()
+        zero_weights = weights == 0
+        inverse = self._inverse_cholesky(weights, damping)
+        rows, columns = weights.shape
+        group = columns if group_size == -1 else group_size
+        maxq = 2**bits - 1
+        levels = np.zeros(weights.shape, np.int64)
+        scales, zeros = [], []
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            block = weights[:, start:end].copy()
+            errors = np.zeros_like(block)
+            block_inverse = inverse[start:end, start:end]
+            for i in range(end - start):
+                column = start + i
+                if column % group == 0:
+                    # Parameters of the group as updated so far, its zeros
+                    # kept in: the range holds 0 exactly (as in GPTQ's
+                    # reference code), so zero weights have a level.
+                    stop = min(column + group, columns)
+                    later = max(stop, end)
+                    pending = (
+                        errors[:, :i] @ inverse[start : start + i, end:later]
+                    )
+                    current = np.concatenate(
+                        [block[:, i:], weights[:, end:later] - pending], axis=1
+                    )[:, : stop - column]
+                    current = np.where(
+                        zero_weights[:, column:stop], 0.0, current
+                    )
+                    scale, zero = _quantization_parameters(
+                        current, maxq, symmetric
+                    )
+                    scales.append(scale)
+                    zeros.append(zero)
+                level = np.clip(np.round(block[:, i] / scale + zero), 0, maxq)
+                level = np.where(zero_weights[:, column], zero, level)
+                levels[:, column] = level
+                dequantized = scale * (level - zero)
+                error = (block[:, i] - dequantized) / block_inverse[i, i]
+                block[:, i:] -= np.outer(error, block_inverse[i, i:])
+                block[:, i] = dequantized
+                errors[:, i] = error
+            weights[:, start:end] = block
+            weights[:, end:] -= errors @ inverse[start:end, end:]
+        return (
+            weights,
+            levels,
+            np.stack(scales, axis=1),
+            np.stack(zeros, axis=1),
+        )
+
+
+def _quantization_parameters(weights, maxq, symmetric):
+    """Per row of `weights`: the scale (a float32 value) and the integer
+    zero point of `maxq + 1` levels spanning `[min(w, 0), max(w, 0)]`, as
+    Keras's `compute_quantization_parameters` computes them for a range
+    that holds 0."""
+    low = np.minimum(weights.min(axis=1), 0.0)
+    high = np.maximum(weights.max(axis=1), 0.0)
+    if symmetric:
+        high = np.maximum(-low, high)
+        low = np.where(low < 0, -high, low)
+    empty = low == high
+    low = np.where(empty, low - 1, low)
+    high = np.where(empty, high + 1, high)
+    scale = ((high - low) / maxq).astype(np.float32).astype(np.float64)
+    scale = np.where(scale <= 0, 1e-8, scale)
+    if symmetric:
+        zero = np.full(scale.shape, (maxq + 1) // 2, np.float64)
+    else:
+        zero = np.clip(np.round(-low / scale), 0, maxq)
+    return scale, zero
+
+
+def _gptq_layout(linear):
+    """`None` if Keras's GPTQ stores `linear`'s kernel as the matrix kprune
+    calibrates, else why not. Keras reshapes a 3-D `EinsumDense` kernel to
+    `(rows, columns)` by where its largest axis is; kprune needs that split
+    to be the layer's own input/output split."""
+    layer = linear.layer
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        return "Keras's GPTQ quantizes Dense and EinsumDense layers only"
+    shape = list(layer.kernel.shape)
+    if isinstance(layer, keras.layers.Dense) or len(shape) == 2:
+        rows = 1
+    elif len(shape) == 3:
+        rows = 1 if shape.index(max(shape)) == 0 else 2
+    else:
+        return f"Keras's GPTQ does not quantize {len(shape)}-D kernels"
+    if linear.permutation != tuple(range(len(shape))) or (
+        math.prod(shape[:rows]) != linear.in_features
+    ):
+        return (
+            "Keras's GPTQ would read its kernel of shape "
+            f"{tuple(shape)} with other input axes than its equation"
+        )
+    return None
+
+
+@kprune_export("kprune.oneshot")
+def quantize_gptq(
+    model: keras.Model,
+    calibration_data,
+    config: keras.quantizers.GPTQConfig | None = None,
+    layers=None,
+    batch_size: int = 32,
+    blocksize: int = 128,
+    verbose: int = 1,
+) -> keras.Model:
+    """Quantizes a (pruned) model with GPTQ, keeping its zeros exactly.
+
+    The result is what `model.quantize("gptq", config=config)` gives: each
+    `Dense` and `EinsumDense` layer in Keras's GPTQ mode, its kernel
+    stored as `config.weight_bits`-bit levels (4-bit ones packed two per
+    byte) with a scale and zero point per group of `config.group_size`
+    inputs. Two differences:
+
+    - Every weight that is zero before quantizing dequantizes to exactly
+      zero (Keras's GPTQ spreads each column's error over the columns
+      after it, zeros included, so some zeros of a pruned model become
+      small nonzero weights). This is SparseGPT's joint 50% + 4-bit
+      recipe: prune with `kprune.oneshot.oneshot`, then call this.
+    - The calibration data are the model's own inputs, as for
+      `kprune.oneshot.oneshot` (any model and input type, no tokenizer and
+      no `quantization_layer_structure`), and the layers are calibrated
+      one after the other, in call order, each on the outputs of the
+      layers before it already quantized.
+
+    Per layer this is GPTQ (Frantar et al., 2023) with the upper Cholesky
+    factor of the dampened inverse Hessian, blocks of `blocksize` columns,
+    a group's scale and zero point computed from its weights as updated
+    when the group is reached, over a range that holds 0 (as in the GPTQ
+    authors' code), and zero weights quantized to the zero point.
+
+    Args:
+        model: A built Keras model (a pruned one, typically).
+        calibration_data: The model's inputs for a few hundred samples, as
+            for `kprune.oneshot.oneshot`.
+        config: A `keras.quantizers.GPTQConfig`; its `weight_bits`,
+            `group_size`, `symmetric` and `hessian_damping` are used, its
+            `dataset`, `tokenizer`, `num_samples`, `sequence_length` and
+            `quantization_layer_structure` are not (pass `None` for them).
+            `per_channel=False` and `activation_order=True` are not
+            supported. Default: `GPTQConfig(None, None)` (4 bits, groups
+            of 128, asymmetric).
+        layers: Which layers to quantize, as in `kprune.oneshot.oneshot`.
+            `None` (default): every `Dense` and `EinsumDense` layer Keras's
+            GPTQ can quantize; others stay as they are, with a warning.
+        batch_size: Batch size for array `calibration_data`.
+        blocksize: Columns whose updates are applied together (this
+            changes the speed, not the result).
+        verbose: 0 for silence, 1 for a progress bar of the layers.
+
+    Returns:
+        `model`, quantized in place.
+
+    Raises:
+        ValueError: If an argument is invalid, the calibration data do not
+            fit the model, or the model has no layer to quantize. The model
+            is left unchanged then.
+
+    Example:
+
+    ```python
+    model = kprune.oneshot.oneshot(model, x_calibration, sparsity=0.5)
+    model = kprune.oneshot.quantize_gptq(
+        model,
+        x_calibration,
+        keras.quantizers.GPTQConfig(None, None, weight_bits=4, group_size=64),
+    )
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a Keras model. Received: {model!r}"
+        )
+    if config is None:
+        config = keras.quantizers.GPTQConfig(dataset=None, tokenizer=None)
+    if not isinstance(config, keras.quantizers.GPTQConfig):
+        raise ValueError(
+            "Argument `config` must be a `keras.quantizers.GPTQConfig`. "
+            f"Received: config={config!r}"
+        )
+    if not config.per_channel or config.activation_order:
+        raise ValueError(
+            "`kprune.oneshot.quantize_gptq` supports "
+            "`GPTQConfig(per_channel=True, activation_order=False)` only. "
+            f"Received: per_channel={config.per_channel}, "
+            f"activation_order={config.activation_order}"
+        )
+    batch_size = _check_positive_int("batch_size", batch_size)
+    blocksize = _check_positive_int("blocksize", blocksize)
+    if calibration_data is None:
+        raise ValueError(
+            "Argument `calibration_data` is required: pass the model's "
+            "inputs for a few hundred samples."
+        )
+    batches = _batches(calibration_data, batch_size)
+    _check_fits(model, batches[0])
+    if not model.built:
+        _call_checked(model, batches[0])
+    linears, skipped = _select(model, layers)
+    chosen = []
+    for linear in linears:
+        why = _gptq_layout(linear)
+        if why is None:
+            chosen.append(linear)
+        elif layers is None:
+            skipped.append((linear.layer.name, why))
+        else:
+            raise ValueError(
+                f"Layer {linear.layer.name!r} was chosen in `layers` but "
+                f"cannot be quantized with GPTQ: {why}. Leave it out of "
+                "`layers`."
+            )
+    if not chosen:
+        raise ValueError(
+            f"Model {model.name!r} has no layer that GPTQ quantizes "
+            "(Dense, EinsumDense)."
+            + "".join(f" Layer {n!r} is left out: {w}." for n, w in skipped)
+        )
+    if skipped:
+        warnings.warn(
+            "These layers are not quantized: "
+            + "; ".join(f"{name!r}: {why}" for name, why in skipped)
+            + ".",
+            stacklevel=2,
+        )
+    groups, calls = _call_order(model, chosen, batches[0])
+    encodings = {}
+
+    def quantize(linear, statistics, matrix):
+        weights, *encodings[id(linear)] = statistics.quantize(
+            matrix.T,
+            config.weight_bits,
+            config.group_size,
+            config.symmetric,
+            blocksize,
+            float(config.hessian_damping),
+        )
+        return weights.T
+
+    _sequential(model, groups, _MaskedGPTQ, batches, calls, quantize, verbose)
+    for group in groups:
+        for linear in group:
+            levels, scales, zeros = encodings[id(linear)]
+            columns = levels.shape[1]
+            group_size = (
+                columns if config.group_size == -1 else config.group_size
+            )
+            levels = ops.convert_to_tensor(levels.astype(np.uint8))
+            if config.weight_bits == 4:
+                levels, _, _ = keras.quantizers.pack_int4(
+                    levels, axis=0, dtype="uint8"
+                )
+            _keras_internals.set_gptq_encoding(
+                linear.layer,
+                config,
+                levels,
+                scales.astype(np.float32),
+                zeros.astype(np.uint8),
+                (np.arange(columns) // group_size).astype(np.float32),
+            )
+    _keras_internals.after_quantize(model)
+    return model
