@@ -19,7 +19,12 @@ of the ones before it. Three methods:
 
 The math runs in NumPy, float64, on the host, one layer at a time (the
 largest buffer is one `in_features x in_features` Hessian), so it is the
-same on every backend.
+same on every backend. Under a Keras distribution (weights sharded over
+devices), magnitude and Wanda run in `keras.ops` on the sharded kernels
+instead, so no kernel is gathered.
+
+`quantize_gptq` quantizes a pruned model with GPTQ into Keras's own GPTQ
+format, keeping its zeros exactly.
 """
 
 import math
@@ -72,6 +77,56 @@ def _lowest_in_groups(scores, m_by_n):
     )
 
 
+def _lowest_in_columns(scores, counts):
+    """`_lowest_per_row` of `scores.T`, on a tensor `(in, out)`: column `c`
+    marks its `counts[c]` lowest scores. The sorts run along the input
+    axis only, so each device sorts the output units it holds."""
+    order = ops.argsort(-scores, axis=0)
+    ranks = ops.argsort(order, axis=0)
+    limit = ops.convert_to_tensor(scores.shape[0] - np.asarray(counts))
+    return ranks >= ops.cast(limit, ranks.dtype)[None, :]
+
+
+def _lowest_in_column_groups(scores, m_by_n):
+    """`_lowest_in_groups` of `scores.T`, on a tensor `(in, out)`."""
+    m, n = m_by_n
+    rows, columns = scores.shape
+    groups = ops.reshape(scores, (rows // n, n, columns))
+    ranks = ops.argsort(ops.argsort(-groups, axis=1), axis=1)
+    return ops.reshape(ranks >= n - m, (rows, columns))
+
+
+def _lowest_of_tensor(scores, count):
+    """`_lowest(scores.T, count).T` on a non-negative float32 tensor
+    `(in, out)`, by reductions only: the threshold is found by bisection on
+    the scores' bit patterns (non-negative floats order like their bits as
+    int32), 31 counts of the scores above a candidate; ties at the
+    threshold keep the lowest indices of the `(out, in)` layout, which are
+    ranked from per-column counts. Nothing is sorted or gathered: each
+    device counts on its own part and only scalars and one value per
+    output unit cross devices."""
+    keys = ops.view(scores, "int32")
+    keep = math.prod(scores.shape) - count
+    if keep == 0:
+        return ops.ones(scores.shape, "bool")
+    low, high = 0, 2**31 - 1
+    while low < high:
+        # The largest key with at least `keep` keys at or above it.
+        middle = (low + high + 1) // 2
+        if int(ops.sum(ops.cast(keys >= middle, "int32"))) >= keep:
+            low = middle
+        else:
+            high = middle - 1
+    above = keys > low
+    tied = ops.cast(keys == low, "int32")
+    wanted = keep - int(ops.sum(ops.cast(above, "int32")))
+    per_column = ops.sum(tied, axis=0)
+    before = ops.cumsum(per_column) - per_column
+    rank = before[None, :] + ops.cumsum(tied, axis=0)
+    kept_ties = ops.logical_and(tied > 0, rank <= wanted)
+    return ops.logical_not(ops.logical_or(above, kept_ties))
+
+
 def _row_counts(rows, columns, sparsity):
     """Zeros per row so that the layer loses exactly `_pruned_count`.
 
@@ -92,6 +147,17 @@ class _Magnitude:
 
     def __init__(self, columns):
         del columns  # The statistics classes share one signature.
+
+    def prune_tensor(self, kernel, sparsity, m_by_n):
+        """`prune` on a float32 `(in, out)` tensor, where it lives."""
+        magnitudes = ops.abs(kernel)
+        if m_by_n is not None:
+            pruned = _lowest_in_column_groups(magnitudes, m_by_n)
+        else:
+            pruned = _lowest_of_tensor(
+                magnitudes, _pruned_count(math.prod(kernel.shape), sparsity)
+            )
+        return ops.where(pruned, 0.0, kernel)
 
     def prune(self, weights, sparsity, m_by_n, **_):
         """`weights`: `(out, in)` float64. Returns the pruned copy."""
@@ -115,6 +181,17 @@ class _Wanda:
     def add_batch(self, rows):
         """Accumulates `sum_t x_tj^2` over rows `x_t` of the inputs."""
         self.squares += np.einsum("tj,tj->j", rows, rows)
+
+    def prune_tensor(self, kernel, sparsity, m_by_n):
+        """`prune` on a float32 `(in, out)` tensor, where it lives."""
+        norms = ops.convert_to_tensor(np.sqrt(self.squares), "float32")
+        scores = ops.abs(kernel) * norms[:, None]
+        if m_by_n is not None:
+            pruned = _lowest_in_column_groups(scores, m_by_n)
+        else:
+            counts = _row_counts(kernel.shape[1], kernel.shape[0], sparsity)
+            pruned = _lowest_in_columns(scores, counts)
+        return ops.where(pruned, 0.0, kernel)
 
     def prune(self, weights, sparsity, m_by_n, **_):
         scores = np.abs(weights) * np.sqrt(self.squares)[None, :]
@@ -249,6 +326,20 @@ class _Linear:
         self.kernel.assign(
             ops.cast(kernel.astype(np.float32), self.kernel.dtype)
         )
+
+    def tensor(self):
+        """`W` as a float32 tensor `(in, out)` where the kernel lives (on
+        its devices, sharded as it is), not copied to the host."""
+        kernel = ops.transpose(
+            ops.cast(self.kernel, "float32"), self.permutation
+        )
+        return ops.reshape(kernel, (self.in_features, self.out_features))
+
+    def assign_tensor(self, matrix):
+        shape = tuple(self.kernel.shape)
+        moved = ops.reshape(matrix, [shape[a] for a in self.permutation])
+        kernel = ops.transpose(moved, tuple(np.argsort(self.permutation)))
+        self.kernel.assign(ops.cast(kernel, self.kernel.dtype))
 
     def rows(self, inputs):
         x = ops.convert_to_numpy(ops.cast(inputs, "float32"))
@@ -892,25 +983,55 @@ def oneshot(
     if batches is None:
         groups = [[linear] for linear in linears]
 
+    # Under a Keras distribution (weights sharded over devices), magnitude
+    # and Wanda run where the weights are; SparseGPT copies each kernel to
+    # the host.
+    on_device = (
+        keras.distribution.distribution() is not None
+        and algorithm is not _SparseGPT
+    )
+
     def prune(linear, statistics, matrix):
+        layer_sparsity = (
+            sparsity if sparsities is None else sparsities[linear.layer.name]
+        )
+        if on_device:
+            return statistics.prune_tensor(matrix, layer_sparsity, m_by_n)
         return statistics.prune(
             matrix.T,
-            sparsity if sparsities is None else sparsities[linear.layer.name],
+            layer_sparsity,
             m_by_n,
             blocksize=blocksize,
             damping=float(hessian_damping),
         ).T
 
-    _sequential(model, groups, algorithm, batches, calls, prune, verbose)
+    _sequential(
+        model, groups, algorithm, batches, calls, prune, verbose, on_device
+    )
     return model
 
 
-def _sequential(model, groups, algorithm, batches, calls, transform, verbose):
+def _sequential(
+    model,
+    groups,
+    algorithm,
+    batches,
+    calls,
+    transform,
+    verbose,
+    on_device=False,
+):
     """Replaces each layer's matrix by `transform(linear, statistics,
     matrix)`, group after group in call order, each group calibrated on
     the outputs of the groups already transformed. If anything fails, every
     layer transformed so far gets its matrix back before the error is
-    raised."""
+    raised. The matrix is `(in, out)`: a float64 NumPy copy on the host, or
+    with `on_device` a float32 tensor where the kernel lives."""
+    read, write = (
+        (_Linear.tensor, _Linear.assign_tensor)
+        if on_device
+        else (_Linear.matrix, _Linear.assign)
+    )
     originals = []
     progress = keras.utils.Progbar(
         sum(len(group) for group in groups), verbose=verbose, unit_name="layer"
@@ -925,16 +1046,17 @@ def _sequential(model, groups, algorithm, batches, calls, transform, verbose):
             if algorithm.needs_data:
                 _collect(model, group, statistics, batches, calls)
             for linear in group:
-                matrix = linear.matrix()
+                matrix = read(linear)
                 originals.append((linear, matrix))
-                linear.assign(
-                    transform(linear, statistics[linear.signature], matrix)
+                write(
+                    linear,
+                    transform(linear, statistics[linear.signature], matrix),
                 )
                 done += 1
                 progress.update(done)
     except BaseException:
         for linear, matrix in originals:
-            linear.assign(matrix)
+            write(linear, matrix)
         raise
 
 
