@@ -32,6 +32,8 @@ CASES = {
     "wanda": {"method": "wanda"},
     "wanda_2_4": {"method": "wanda", "sparsity_m_by_n": (2, 4)},
     "sparsegpt": {"method": "sparsegpt"},
+    "sparsegpt_blocks": {"method": "sparsegpt", "blocksize": 16},
+    "sparsegpt_2_4": {"method": "sparsegpt", "sparsity_m_by_n": (2, 4)},
 }
 
 
@@ -50,9 +52,9 @@ def weights():
         rng.normal(size=(HIDDEN, OUTPUTS)),
         rng.normal(size=OUTPUTS) * 0.1,
     ]
-    # 20 of 32 inputs zero: the threshold falls among tied zeros, so the
-    # tie-break is checked too.
-    values[0][:20] = 0.0
+    # 20 of 32 inputs weigh +-0.5: magnitude's threshold falls among these
+    # ties, so its tie-break is checked too.
+    values[0][:20] = 0.5 * np.sign(values[0][:20])
     return [v.astype("float32") for v in values]
 
 
@@ -71,8 +73,8 @@ def main():
                 layout_map=layout, batch_dim_name="batch"
             )
         )
-    # With the kernels on the devices, magnitude and Wanda must never copy
-    # a whole kernel to the host.
+    # With the kernels on the devices, no method may copy a whole kernel
+    # to the host.
     host_copies = []
     matrix = oneshot_module._Linear.matrix
 

@@ -20,8 +20,8 @@ of the ones before it. Three methods:
 The math runs in NumPy, float64, on the host, one layer at a time (the
 largest buffer is one `in_features x in_features` Hessian), so it is the
 same on every backend. Under a Keras distribution (weights sharded over
-devices), magnitude and Wanda run in `keras.ops` on the sharded kernels
-instead, so no kernel is gathered.
+devices), the math runs in `keras.ops` on the sharded kernels instead, so
+no kernel is gathered.
 
 `quantize_gptq` quantizes a pruned model with GPTQ into Keras's own GPTQ
 format, keeping its zeros exactly.
@@ -148,7 +148,7 @@ class _Magnitude:
     def __init__(self, columns):
         del columns  # The statistics classes share one signature.
 
-    def prune_tensor(self, kernel, sparsity, m_by_n):
+    def prune_tensor(self, kernel, sparsity, m_by_n, **_):
         """`prune` on a float32 `(in, out)` tensor, where it lives."""
         magnitudes = ops.abs(kernel)
         if m_by_n is not None:
@@ -182,7 +182,7 @@ class _Wanda:
         """Accumulates `sum_t x_tj^2` over rows `x_t` of the inputs."""
         self.squares += np.einsum("tj,tj->j", rows, rows)
 
-    def prune_tensor(self, kernel, sparsity, m_by_n):
+    def prune_tensor(self, kernel, sparsity, m_by_n, **_):
         """`prune` on a float32 `(in, out)` tensor, where it lives."""
         norms = ops.convert_to_tensor(np.sqrt(self.squares), "float32")
         scores = ops.abs(kernel) * norms[:, None]
@@ -278,6 +278,74 @@ class _SparseGPT:
             weights[:, start:end] = updated
             weights[:, end:] -= errors @ inverse[start:end, end:]
         return weights
+
+    def prune_tensor(self, kernel, sparsity, m_by_n, blocksize, damping):
+        """`prune` on a float32 `(in, out)` tensor, where it lives.
+
+        Each output unit's weights are updated on their own given the
+        inverse Hessian factor (computed on the host: it is `in x in`), so
+        a kernel split by output units is updated where each part lives.
+        The unstructured mask of a block is chosen across output units by
+        `_lowest_of_tensor` (counts, no sort)."""
+        columns, rows = kernel.shape
+        placeholder = np.zeros((1, columns))
+        inverse = self._inverse_cholesky(placeholder, damping)
+        dead = ops.convert_to_tensor(np.diag(self.hessian) == 0)
+        kernel = ops.where(dead[:, None], 0.0, kernel)
+        factor = ops.convert_to_tensor(inverse, "float32")
+        diagonal = np.diag(inverse)
+        total = _pruned_count(rows * columns, sparsity)
+
+        def target(column):
+            return (total * column + columns // 2) // columns
+
+        done = []
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            block = kernel[start:end]
+            scale = ops.convert_to_tensor(diagonal[start:end, None], "float32")
+            if m_by_n is None:
+                pruned = _lowest_of_tensor(
+                    block**2 / scale**2, target(end) - target(start)
+                )
+            else:
+                pruned = []
+            errors = []
+            for i in range(end - start):
+                if m_by_n is not None and i % m_by_n[1] == 0:
+                    group = slice(i, i + m_by_n[1])
+                    pruned.append(
+                        _lowest_in_column_groups(
+                            block[group] ** 2 / scale[group] ** 2, m_by_n
+                        )
+                    )
+                row_pruned = (
+                    pruned[i] if m_by_n is None else pruned[-1][i % m_by_n[1]]
+                )
+                row = block[i]
+                error = (row - ops.where(row_pruned, 0.0, row)) / float(
+                    diagonal[start + i]
+                )
+                # The factor is upper triangular: rows before `i` are not
+                # changed.
+                block = block - factor[start + i, start:end][:, None] * error
+                errors.append(error)
+            if m_by_n is not None:
+                pruned = ops.concatenate(pruned, axis=0)
+            done.append(ops.where(pruned, 0.0, block))
+            if end < columns:
+                errors = ops.stack(errors, axis=0)
+                kernel = ops.concatenate(
+                    [
+                        kernel[:end],
+                        kernel[end:]
+                        - ops.matmul(
+                            ops.transpose(factor[start:end, end:]), errors
+                        ),
+                    ],
+                    axis=0,
+                )
+        return ops.concatenate(done, axis=0)
 
 
 _METHODS = {
@@ -837,6 +905,11 @@ def oneshot(
     unfolded into one row per output position. Other layers (embeddings,
     depthwise, separable, transposed and grouped convolutions) stay dense.
 
+    Under a Keras distribution (JAX `keras.distribution.ModelParallel`,
+    weights sharded over devices), the math runs in `keras.ops` on the
+    sharded kernels, in float32, and no kernel is gathered on one device;
+    call it with the distribution set.
+
     Args:
         model: A Keras model: Sequential, functional or subclassed (one
             that is not built is built on the first calibration batch).
@@ -983,20 +1056,22 @@ def oneshot(
     if batches is None:
         groups = [[linear] for linear in linears]
 
-    # Under a Keras distribution (weights sharded over devices), magnitude
-    # and Wanda run where the weights are; SparseGPT copies each kernel to
-    # the host.
-    on_device = (
-        keras.distribution.distribution() is not None
-        and algorithm is not _SparseGPT
-    )
+    # Under a Keras distribution (weights sharded over devices), the math
+    # runs where the weights are.
+    on_device = keras.distribution.distribution() is not None
 
     def prune(linear, statistics, matrix):
         layer_sparsity = (
             sparsity if sparsities is None else sparsities[linear.layer.name]
         )
         if on_device:
-            return statistics.prune_tensor(matrix, layer_sparsity, m_by_n)
+            return statistics.prune_tensor(
+                matrix,
+                layer_sparsity,
+                m_by_n,
+                blocksize=blocksize,
+                damping=float(hessian_damping),
+            )
         return statistics.prune(
             matrix.T,
             layer_sparsity,
