@@ -58,7 +58,7 @@ MODULE_NAMES = {
     "kprune.registry": {"register_prunable_layer"},
     "kprune.engine": {"MaskGroup"},
     "kprune.pruning_policy": {"make_xnnpack_compatible"},
-    "kprune.oneshot": {"oneshot"},
+    "kprune.oneshot": {"oneshot", "quantize_gptq"},
 }
 
 
@@ -93,6 +93,7 @@ NEW_NAMES = {
     "MaskGroup",
     "make_xnnpack_compatible",
     "oneshot",
+    "quantize_gptq",
     "semi_structured_to_dense",
     "semi_structured_weights",
     "xnnpack_sparse_problems",

@@ -145,3 +145,35 @@ def raw_value(variable):
         return variable.value
     finally:
         variable._autocast = autocast
+
+
+def set_gptq_encoding(layer, config, levels, scales, zeros, groups) -> None:
+    """Puts a `Dense` or `EinsumDense` layer in Keras's calibrated GPTQ
+    state with the given encoding of its kernel.
+
+    `layer.quantize("gptq", config)` (public) creates the GPTQ variables
+    but keeps the float kernel until Keras's own calibration fills them
+    (`GPTQ.quantize_and_correct_layer`, quantizers/gptq.py). kprune
+    computes the encoding itself, so it does what that method does at its
+    end: assign `quantized_kernel`, `kernel_scale`, `kernel_zero` and
+    `g_idx`, delete `_kernel` and set `is_gptq_calibrated`
+    (layers/core/dense.py, einsum_dense.py `_gptq_build`, `_gptq_call`).
+    """
+    layer.quantize("gptq", config=config)
+    layer.quantized_kernel.assign(levels)
+    layer.kernel_scale.assign(scales)
+    layer.kernel_zero.assign(zeros)
+    layer.g_idx.assign(groups)
+    del layer._kernel
+    layer.is_gptq_calibrated = True
+
+
+def after_quantize(model) -> None:
+    """What `Model.quantize` does after quantizing layers
+    (models/model.py): drop the compiled functions, and on torch retrack
+    each layer's variables (`Model._post_quantize`), since the deleted
+    float kernels are still referenced by `torch_params`."""
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = None
+    model._post_quantize(None)

@@ -19,7 +19,12 @@ of the ones before it. Three methods:
 
 The math runs in NumPy, float64, on the host, one layer at a time (the
 largest buffer is one `in_features x in_features` Hessian), so it is the
-same on every backend.
+same on every backend. Under a Keras distribution (weights sharded over
+devices), the math runs in `keras.ops` on the sharded kernels instead, so
+no kernel is gathered.
+
+`quantize_gptq` quantizes a pruned model with GPTQ into Keras's own GPTQ
+format, keeping its zeros exactly.
 """
 
 import math
@@ -72,6 +77,56 @@ def _lowest_in_groups(scores, m_by_n):
     )
 
 
+def _lowest_in_columns(scores, counts):
+    """`_lowest_per_row` of `scores.T`, on a tensor `(in, out)`: column `c`
+    marks its `counts[c]` lowest scores. The sorts run along the input
+    axis only, so each device sorts the output units it holds."""
+    order = ops.argsort(-scores, axis=0)
+    ranks = ops.argsort(order, axis=0)
+    limit = ops.convert_to_tensor(scores.shape[0] - np.asarray(counts))
+    return ranks >= ops.cast(limit, ranks.dtype)[None, :]
+
+
+def _lowest_in_column_groups(scores, m_by_n):
+    """`_lowest_in_groups` of `scores.T`, on a tensor `(in, out)`."""
+    m, n = m_by_n
+    rows, columns = scores.shape
+    groups = ops.reshape(scores, (rows // n, n, columns))
+    ranks = ops.argsort(ops.argsort(-groups, axis=1), axis=1)
+    return ops.reshape(ranks >= n - m, (rows, columns))
+
+
+def _lowest_of_tensor(scores, count):
+    """`_lowest(scores.T, count).T` on a non-negative float32 tensor
+    `(in, out)`, by reductions only: the threshold is found by bisection on
+    the scores' bit patterns (non-negative floats order like their bits as
+    int32), 31 counts of the scores above a candidate; ties at the
+    threshold keep the lowest indices of the `(out, in)` layout, which are
+    ranked from per-column counts. Nothing is sorted or gathered: each
+    device counts on its own part and only scalars and one value per
+    output unit cross devices."""
+    keys = ops.view(scores, "int32")
+    keep = math.prod(scores.shape) - count
+    if keep == 0:
+        return ops.ones(scores.shape, "bool")
+    low, high = 0, 2**31 - 1
+    while low < high:
+        # The largest key with at least `keep` keys at or above it.
+        middle = (low + high + 1) // 2
+        if int(ops.sum(ops.cast(keys >= middle, "int32"))) >= keep:
+            low = middle
+        else:
+            high = middle - 1
+    above = keys > low
+    tied = ops.cast(keys == low, "int32")
+    wanted = keep - int(ops.sum(ops.cast(above, "int32")))
+    per_column = ops.sum(tied, axis=0)
+    before = ops.cumsum(per_column) - per_column
+    rank = before[None, :] + ops.cumsum(tied, axis=0)
+    kept_ties = ops.logical_and(tied > 0, rank <= wanted)
+    return ops.logical_not(ops.logical_or(above, kept_ties))
+
+
 def _row_counts(rows, columns, sparsity):
     """Zeros per row so that the layer loses exactly `_pruned_count`.
 
@@ -92,6 +147,17 @@ class _Magnitude:
 
     def __init__(self, columns):
         del columns  # The statistics classes share one signature.
+
+    def prune_tensor(self, kernel, sparsity, m_by_n, **_):
+        """`prune` on a float32 `(in, out)` tensor, where it lives."""
+        magnitudes = ops.abs(kernel)
+        if m_by_n is not None:
+            pruned = _lowest_in_column_groups(magnitudes, m_by_n)
+        else:
+            pruned = _lowest_of_tensor(
+                magnitudes, _pruned_count(math.prod(kernel.shape), sparsity)
+            )
+        return ops.where(pruned, 0.0, kernel)
 
     def prune(self, weights, sparsity, m_by_n, **_):
         """`weights`: `(out, in)` float64. Returns the pruned copy."""
@@ -115,6 +181,17 @@ class _Wanda:
     def add_batch(self, rows):
         """Accumulates `sum_t x_tj^2` over rows `x_t` of the inputs."""
         self.squares += np.einsum("tj,tj->j", rows, rows)
+
+    def prune_tensor(self, kernel, sparsity, m_by_n, **_):
+        """`prune` on a float32 `(in, out)` tensor, where it lives."""
+        norms = ops.convert_to_tensor(np.sqrt(self.squares), "float32")
+        scores = ops.abs(kernel) * norms[:, None]
+        if m_by_n is not None:
+            pruned = _lowest_in_column_groups(scores, m_by_n)
+        else:
+            counts = _row_counts(kernel.shape[1], kernel.shape[0], sparsity)
+            pruned = _lowest_in_columns(scores, counts)
+        return ops.where(pruned, 0.0, kernel)
 
     def prune(self, weights, sparsity, m_by_n, **_):
         scores = np.abs(weights) * np.sqrt(self.squares)[None, :]
@@ -202,6 +279,74 @@ class _SparseGPT:
             weights[:, end:] -= errors @ inverse[start:end, end:]
         return weights
 
+    def prune_tensor(self, kernel, sparsity, m_by_n, blocksize, damping):
+        """`prune` on a float32 `(in, out)` tensor, where it lives.
+
+        Each output unit's weights are updated on their own given the
+        inverse Hessian factor (computed on the host: it is `in x in`), so
+        a kernel split by output units is updated where each part lives.
+        The unstructured mask of a block is chosen across output units by
+        `_lowest_of_tensor` (counts, no sort)."""
+        columns, rows = kernel.shape
+        placeholder = np.zeros((1, columns))
+        inverse = self._inverse_cholesky(placeholder, damping)
+        dead = ops.convert_to_tensor(np.diag(self.hessian) == 0)
+        kernel = ops.where(dead[:, None], 0.0, kernel)
+        factor = ops.convert_to_tensor(inverse, "float32")
+        diagonal = np.diag(inverse)
+        total = _pruned_count(rows * columns, sparsity)
+
+        def target(column):
+            return (total * column + columns // 2) // columns
+
+        done = []
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            block = kernel[start:end]
+            scale = ops.convert_to_tensor(diagonal[start:end, None], "float32")
+            if m_by_n is None:
+                pruned = _lowest_of_tensor(
+                    block**2 / scale**2, target(end) - target(start)
+                )
+            else:
+                pruned = []
+            errors = []
+            for i in range(end - start):
+                if m_by_n is not None and i % m_by_n[1] == 0:
+                    group = slice(i, i + m_by_n[1])
+                    pruned.append(
+                        _lowest_in_column_groups(
+                            block[group] ** 2 / scale[group] ** 2, m_by_n
+                        )
+                    )
+                row_pruned = (
+                    pruned[i] if m_by_n is None else pruned[-1][i % m_by_n[1]]
+                )
+                row = block[i]
+                error = (row - ops.where(row_pruned, 0.0, row)) / float(
+                    diagonal[start + i]
+                )
+                # The factor is upper triangular: rows before `i` are not
+                # changed.
+                block = block - factor[start + i, start:end][:, None] * error
+                errors.append(error)
+            if m_by_n is not None:
+                pruned = ops.concatenate(pruned, axis=0)
+            done.append(ops.where(pruned, 0.0, block))
+            if end < columns:
+                errors = ops.stack(errors, axis=0)
+                kernel = ops.concatenate(
+                    [
+                        kernel[:end],
+                        kernel[end:]
+                        - ops.matmul(
+                            ops.transpose(factor[start:end, end:]), errors
+                        ),
+                    ],
+                    axis=0,
+                )
+        return ops.concatenate(done, axis=0)
+
 
 _METHODS = {
     "sparsegpt": _SparseGPT,
@@ -249,6 +394,20 @@ class _Linear:
         self.kernel.assign(
             ops.cast(kernel.astype(np.float32), self.kernel.dtype)
         )
+
+    def tensor(self):
+        """`W` as a float32 tensor `(in, out)` where the kernel lives (on
+        its devices, sharded as it is), not copied to the host."""
+        kernel = ops.transpose(
+            ops.cast(self.kernel, "float32"), self.permutation
+        )
+        return ops.reshape(kernel, (self.in_features, self.out_features))
+
+    def assign_tensor(self, matrix):
+        shape = tuple(self.kernel.shape)
+        moved = ops.reshape(matrix, [shape[a] for a in self.permutation])
+        kernel = ops.transpose(moved, tuple(np.argsort(self.permutation)))
+        self.kernel.assign(ops.cast(kernel, self.kernel.dtype))
 
     def rows(self, inputs):
         x = ops.convert_to_numpy(ops.cast(inputs, "float32"))
@@ -746,6 +905,11 @@ def oneshot(
     unfolded into one row per output position. Other layers (embeddings,
     depthwise, separable, transposed and grouped convolutions) stay dense.
 
+    Under a Keras distribution (JAX `keras.distribution.ModelParallel`,
+    weights sharded over devices), the math runs in `keras.ops` on the
+    sharded kernels, in float32, and no kernel is gathered on one device;
+    call it with the distribution set.
+
     Args:
         model: A Keras model: Sequential, functional or subclassed (one
             that is not built is built on the first calibration batch).
@@ -886,10 +1050,63 @@ def oneshot(
                 f"for these layers (input channels): {bad}. Leave them out "
                 "with `layers=`."
             )
+    calls = None
     if batches is not None:
         groups, calls = _call_order(model, linears, batches[0])
     if batches is None:
         groups = [[linear] for linear in linears]
+
+    # Under a Keras distribution (weights sharded over devices), the math
+    # runs where the weights are.
+    on_device = keras.distribution.distribution() is not None
+
+    def prune(linear, statistics, matrix):
+        layer_sparsity = (
+            sparsity if sparsities is None else sparsities[linear.layer.name]
+        )
+        if on_device:
+            return statistics.prune_tensor(
+                matrix,
+                layer_sparsity,
+                m_by_n,
+                blocksize=blocksize,
+                damping=float(hessian_damping),
+            )
+        return statistics.prune(
+            matrix.T,
+            layer_sparsity,
+            m_by_n,
+            blocksize=blocksize,
+            damping=float(hessian_damping),
+        ).T
+
+    _sequential(
+        model, groups, algorithm, batches, calls, prune, verbose, on_device
+    )
+    return model
+
+
+def _sequential(
+    model,
+    groups,
+    algorithm,
+    batches,
+    calls,
+    transform,
+    verbose,
+    on_device=False,
+):
+    """Replaces each layer's matrix by `transform(linear, statistics,
+    matrix)`, group after group in call order, each group calibrated on
+    the outputs of the groups already transformed. If anything fails, every
+    layer transformed so far gets its matrix back before the error is
+    raised. The matrix is `(in, out)`: a float64 NumPy copy on the host, or
+    with `on_device` a float32 tensor where the kernel lives."""
+    read, write = (
+        (_Linear.tensor, _Linear.assign_tensor)
+        if on_device
+        else (_Linear.matrix, _Linear.assign)
+    )
     originals = []
     progress = keras.utils.Progbar(
         sum(len(group) for group in groups), verbose=verbose, unit_name="layer"
@@ -904,25 +1121,18 @@ def oneshot(
             if algorithm.needs_data:
                 _collect(model, group, statistics, batches, calls)
             for linear in group:
-                matrix = linear.matrix()
+                matrix = read(linear)
                 originals.append((linear, matrix))
-                pruned = statistics[linear.signature].prune(
-                    matrix.T,
-                    sparsity
-                    if sparsities is None
-                    else sparsities[linear.layer.name],
-                    m_by_n,
-                    blocksize=blocksize,
-                    damping=float(hessian_damping),
+                write(
+                    linear,
+                    transform(linear, statistics[linear.signature], matrix),
                 )
-                linear.assign(pruned.T)
                 done += 1
                 progress.update(done)
     except BaseException:
         for linear, matrix in originals:
-            linear.assign(matrix)
+            write(linear, matrix)
         raise
-    return model
 
 
 def _collect(model, group, statistics, batches, calls):
@@ -948,3 +1158,289 @@ def _collect(model, group, statistics, batches, calls):
         for batch in batches:
             seen.clear()
             _run(model, batch)
+
+
+class _MaskedGPTQ(_SparseGPT):
+    """GPTQ (Frantar et al., 2023) that keeps every zero weight at zero.
+
+    GPTQ quantizes the columns one after the other and spreads each
+    column's quantization error over the columns not yet quantized, which
+    moves zero weights away from zero. Here a weight that is zero before
+    quantizing is quantized to the zero point (so it dequantizes to exactly
+    0) whatever the updates made of it, and its own error is spread like
+    any other: SparseGPT's joint sparsification and quantization with the
+    mask fixed.
+    """
+
+    def quantize(
+        self, weights, bits, group_size, symmetric, blocksize, damping
+    ):
+        """`weights`: `(out, in)` float64. Returns the dequantized weights
+        and Keras's GPTQ encoding of them: integer levels `(out, in)`,
+        scales and zero points `(out, groups)`."""
+        weights = weights.copy()
+        zero_weights = weights == 0
+        inverse = self._inverse_cholesky(weights, damping)
+        rows, columns = weights.shape
+        group = columns if group_size == -1 else group_size
+        maxq = 2**bits - 1
+        levels = np.zeros(weights.shape, np.int64)
+        scales, zeros = [], []
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            block = weights[:, start:end].copy()
+            errors = np.zeros_like(block)
+            block_inverse = inverse[start:end, start:end]
+            for i in range(end - start):
+                column = start + i
+                if column % group == 0:
+                    # Parameters of the group as updated so far, its zeros
+                    # kept in: the range holds 0 exactly (as in GPTQ's
+                    # reference code), so zero weights have a level.
+                    stop = min(column + group, columns)
+                    later = max(stop, end)
+                    pending = (
+                        errors[:, :i] @ inverse[start : start + i, end:later]
+                    )
+                    current = np.concatenate(
+                        [block[:, i:], weights[:, end:later] - pending], axis=1
+                    )[:, : stop - column]
+                    current = np.where(
+                        zero_weights[:, column:stop], 0.0, current
+                    )
+                    scale, zero = _quantization_parameters(
+                        current, maxq, symmetric
+                    )
+                    scales.append(scale)
+                    zeros.append(zero)
+                level = np.clip(np.round(block[:, i] / scale + zero), 0, maxq)
+                level = np.where(zero_weights[:, column], zero, level)
+                levels[:, column] = level
+                dequantized = scale * (level - zero)
+                error = (block[:, i] - dequantized) / block_inverse[i, i]
+                block[:, i:] -= np.outer(error, block_inverse[i, i:])
+                block[:, i] = dequantized
+                errors[:, i] = error
+            weights[:, start:end] = block
+            weights[:, end:] -= errors @ inverse[start:end, end:]
+        return (
+            weights,
+            levels,
+            np.stack(scales, axis=1),
+            np.stack(zeros, axis=1),
+        )
+
+
+def _quantization_parameters(weights, maxq, symmetric):
+    """Per row of `weights`: the scale (a float32 value) and the integer
+    zero point of `maxq + 1` levels spanning `[min(w, 0), max(w, 0)]`, as
+    Keras's `compute_quantization_parameters` computes them for a range
+    that holds 0."""
+    low = np.minimum(weights.min(axis=1), 0.0)
+    high = np.maximum(weights.max(axis=1), 0.0)
+    if symmetric:
+        high = np.maximum(-low, high)
+        low = np.where(low < 0, -high, low)
+    empty = low == high
+    low = np.where(empty, low - 1, low)
+    high = np.where(empty, high + 1, high)
+    scale = ((high - low) / maxq).astype(np.float32).astype(np.float64)
+    scale = np.where(scale <= 0, 1e-8, scale)
+    if symmetric:
+        zero = np.full(scale.shape, (maxq + 1) // 2, np.float64)
+    else:
+        zero = np.clip(np.round(-low / scale), 0, maxq)
+    return scale, zero
+
+
+def _gptq_layout(linear):
+    """`None` if Keras's GPTQ stores `linear`'s kernel as the matrix kprune
+    calibrates, else why not. Keras reshapes a 3-D `EinsumDense` kernel to
+    `(rows, columns)` by where its largest axis is; kprune needs that split
+    to be the layer's own input/output split."""
+    layer = linear.layer
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        return "Keras's GPTQ quantizes Dense and EinsumDense layers only"
+    shape = list(layer.kernel.shape)
+    if isinstance(layer, keras.layers.Dense) or len(shape) == 2:
+        rows = 1
+    elif len(shape) == 3:
+        rows = 1 if shape.index(max(shape)) == 0 else 2
+    else:
+        return f"Keras's GPTQ does not quantize {len(shape)}-D kernels"
+    if linear.permutation != tuple(range(len(shape))) or (
+        math.prod(shape[:rows]) != linear.in_features
+    ):
+        return (
+            "Keras's GPTQ would read its kernel of shape "
+            f"{tuple(shape)} with other input axes than its equation"
+        )
+    return None
+
+
+@kprune_export("kprune.oneshot")
+def quantize_gptq(
+    model: keras.Model,
+    calibration_data,
+    config: keras.quantizers.GPTQConfig | None = None,
+    layers=None,
+    batch_size: int = 32,
+    blocksize: int = 128,
+    verbose: int = 1,
+) -> keras.Model:
+    """Quantizes a (pruned) model with GPTQ, keeping its zeros exactly.
+
+    The result is what `model.quantize("gptq", config=config)` gives: each
+    `Dense` and `EinsumDense` layer in Keras's GPTQ mode, its kernel
+    stored as `config.weight_bits`-bit levels (4-bit ones packed two per
+    byte) with a scale and zero point per group of `config.group_size`
+    inputs. Two differences:
+
+    - Every weight that is zero before quantizing dequantizes to exactly
+      zero (Keras's GPTQ spreads each column's error over the columns
+      after it, zeros included, so some zeros of a pruned model become
+      small nonzero weights). This is SparseGPT's joint 50% + 4-bit
+      recipe: prune with `kprune.oneshot.oneshot`, then call this.
+    - The calibration data are the model's own inputs, as for
+      `kprune.oneshot.oneshot` (any model and input type, no tokenizer and
+      no `quantization_layer_structure`), and the layers are calibrated
+      one after the other, in call order, each on the outputs of the
+      layers before it already quantized.
+
+    Per layer this is GPTQ (Frantar et al., 2023) with the upper Cholesky
+    factor of the dampened inverse Hessian, blocks of `blocksize` columns,
+    a group's scale and zero point computed from its weights as updated
+    when the group is reached, over a range that holds 0 (as in the GPTQ
+    authors' code), and zero weights quantized to the zero point.
+
+    Args:
+        model: A built Keras model (a pruned one, typically).
+        calibration_data: The model's inputs for a few hundred samples, as
+            for `kprune.oneshot.oneshot`.
+        config: A `keras.quantizers.GPTQConfig`; its `weight_bits`,
+            `group_size`, `symmetric` and `hessian_damping` are used, its
+            `dataset`, `tokenizer`, `num_samples`, `sequence_length` and
+            `quantization_layer_structure` are not (pass `None` for them).
+            `per_channel=False` and `activation_order=True` are not
+            supported. Default: `GPTQConfig(None, None)` (4 bits, groups
+            of 128, asymmetric).
+        layers: Which layers to quantize, as in `kprune.oneshot.oneshot`.
+            `None` (default): every `Dense` and `EinsumDense` layer Keras's
+            GPTQ can quantize; others stay as they are, with a warning.
+        batch_size: Batch size for array `calibration_data`.
+        blocksize: Columns whose updates are applied together (this
+            changes the speed, not the result).
+        verbose: 0 for silence, 1 for a progress bar of the layers.
+
+    Returns:
+        `model`, quantized in place.
+
+    Raises:
+        ValueError: If an argument is invalid, the calibration data do not
+            fit the model, or the model has no layer to quantize. The model
+            is left unchanged then.
+
+    Example:
+
+    ```python
+    model = kprune.oneshot.oneshot(model, x_calibration, sparsity=0.5)
+    model = kprune.oneshot.quantize_gptq(
+        model,
+        x_calibration,
+        keras.quantizers.GPTQConfig(None, None, weight_bits=4, group_size=64),
+    )
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a Keras model. Received: {model!r}"
+        )
+    if config is None:
+        config = keras.quantizers.GPTQConfig(dataset=None, tokenizer=None)
+    if not isinstance(config, keras.quantizers.GPTQConfig):
+        raise ValueError(
+            "Argument `config` must be a `keras.quantizers.GPTQConfig`. "
+            f"Received: config={config!r}"
+        )
+    if not config.per_channel or config.activation_order:
+        raise ValueError(
+            "`kprune.oneshot.quantize_gptq` supports "
+            "`GPTQConfig(per_channel=True, activation_order=False)` only. "
+            f"Received: per_channel={config.per_channel}, "
+            f"activation_order={config.activation_order}"
+        )
+    batch_size = _check_positive_int("batch_size", batch_size)
+    blocksize = _check_positive_int("blocksize", blocksize)
+    if calibration_data is None:
+        raise ValueError(
+            "Argument `calibration_data` is required: pass the model's "
+            "inputs for a few hundred samples."
+        )
+    batches = _batches(calibration_data, batch_size)
+    _check_fits(model, batches[0])
+    if not model.built:
+        _call_checked(model, batches[0])
+    linears, skipped = _select(model, layers)
+    chosen = []
+    for linear in linears:
+        why = _gptq_layout(linear)
+        if why is None:
+            chosen.append(linear)
+        elif layers is None:
+            skipped.append((linear.layer.name, why))
+        else:
+            raise ValueError(
+                f"Layer {linear.layer.name!r} was chosen in `layers` but "
+                f"cannot be quantized with GPTQ: {why}. Leave it out of "
+                "`layers`."
+            )
+    if not chosen:
+        raise ValueError(
+            f"Model {model.name!r} has no layer that GPTQ quantizes "
+            "(Dense, EinsumDense)."
+            + "".join(f" Layer {n!r} is left out: {w}." for n, w in skipped)
+        )
+    if skipped:
+        warnings.warn(
+            "These layers are not quantized: "
+            + "; ".join(f"{name!r}: {why}" for name, why in skipped)
+            + ".",
+            stacklevel=2,
+        )
+    groups, calls = _call_order(model, chosen, batches[0])
+    encodings = {}
+
+    def quantize(linear, statistics, matrix):
+        weights, *encodings[id(linear)] = statistics.quantize(
+            matrix.T,
+            config.weight_bits,
+            config.group_size,
+            config.symmetric,
+            blocksize,
+            float(config.hessian_damping),
+        )
+        return weights.T
+
+    _sequential(model, groups, _MaskedGPTQ, batches, calls, quantize, verbose)
+    for group in groups:
+        for linear in group:
+            levels, scales, zeros = encodings[id(linear)]
+            columns = levels.shape[1]
+            group_size = (
+                columns if config.group_size == -1 else config.group_size
+            )
+            levels = ops.convert_to_tensor(levels.astype(np.uint8))
+            if config.weight_bits == 4:
+                levels, _, _ = keras.quantizers.pack_int4(
+                    levels, axis=0, dtype="uint8"
+                )
+            _keras_internals.set_gptq_encoding(
+                linear.layer,
+                config,
+                levels,
+                scales.astype(np.float32),
+                zeros.astype(np.uint8),
+                (np.arange(columns) // group_size).astype(np.float32),
+            )
+    _keras_internals.after_quantize(model)
+    return model
