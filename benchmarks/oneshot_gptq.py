@@ -13,7 +13,6 @@ Run: `nice python benchmarks/oneshot_gptq.py`; `benchmarks/README.md` has
 the table.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -29,8 +28,8 @@ import kprune  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from oneshot_quality import accuracy  # noqa: E402
+from oneshot_quality import arguments_and_data  # noqa: E402
 from oneshot_quality import build_model  # noqa: E402
-from oneshot_quality import load_data  # noqa: E402
 
 
 def dequantized_kernels(model):
@@ -50,19 +49,9 @@ def dequantized_kernels(model):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--calibration", type=int, default=512)
-    parser.add_argument("--dataset", default="auto")
-    parser.add_argument(
-        "--out",
-        default=str(pathlib.Path(__file__).with_name("oneshot_gptq.jsonl")),
+    args, name, (x_train, y_train), (x_test, y_test) = arguments_and_data(
+        __doc__, "oneshot_gptq.jsonl"
     )
-    args = parser.parse_args()
-    name, ((x_train, y_train), (x_test, y_test)) = load_data(args.dataset)
-    x_train = x_train.reshape(len(x_train), -1).astype("float32") / 255.0
-    x_test = x_test.reshape(len(x_test), -1).astype("float32") / 255.0
     config = keras.quantizers.GPTQConfig(
         None, None, weight_bits=4, group_size=128
     )

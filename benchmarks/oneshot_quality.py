@@ -75,20 +75,30 @@ def accuracy(model, x, y):
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments_and_data(description, out):
+    """The command line of the Fashion-MNIST one-shot benchmarks, and their
+    data: `(args, dataset name, (x_train, y_train), (x_test, y_test))`,
+    images flattened and scaled to [0, 1]; results go to `out` beside this
+    file unless `--out` says otherwise."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--dataset", default="auto")
     parser.add_argument(
-        "--out",
-        default=str(pathlib.Path(__file__).with_name("oneshot_quality.jsonl")),
+        "--out", default=str(pathlib.Path(__file__).with_name(out))
     )
     args = parser.parse_args()
     name, ((x_train, y_train), (x_test, y_test)) = load_data(args.dataset)
     x_train = x_train.reshape(len(x_train), -1).astype("float32") / 255.0
     x_test = x_test.reshape(len(x_test), -1).astype("float32") / 255.0
+    return args, name, (x_train, y_train), (x_test, y_test)
+
+
+def main():
+    args, name, (x_train, y_train), (x_test, y_test) = arguments_and_data(
+        __doc__, "oneshot_quality.jsonl"
+    )
     for seed in args.seeds:
         keras.utils.set_random_seed(seed)
         dense = build_model()
