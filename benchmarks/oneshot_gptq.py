@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from oneshot_quality import accuracy  # noqa: E402
 from oneshot_quality import arguments_and_data  # noqa: E402
 from oneshot_quality import build_model  # noqa: E402
+from oneshot_quality import trained_model  # noqa: E402
 
 
 def dequantized_kernels(model):
@@ -56,15 +57,7 @@ def main():
         None, None, weight_bits=4, group_size=128
     )
     for seed in args.seeds:
-        keras.utils.set_random_seed(seed)
-        dense = build_model()
-        dense.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        dense.fit(
-            x_train, y_train, epochs=args.epochs, batch_size=128, verbose=0
-        )
+        dense = trained_model(seed, x_train, y_train, args.epochs)
         weights = dense.get_weights()
         rng = np.random.default_rng(seed)
         calibration = x_train[

@@ -95,20 +95,24 @@ def arguments_and_data(description, out):
     return args, name, (x_train, y_train), (x_test, y_test)
 
 
+def trained_model(seed, x_train, y_train, epochs):
+    """The MLP trained from seed `seed` (Adam, batch 128)."""
+    keras.utils.set_random_seed(seed)
+    model = build_model()
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x_train, y_train, epochs=epochs, batch_size=128, verbose=0)
+    return model
+
+
 def main():
     args, name, (x_train, y_train), (x_test, y_test) = arguments_and_data(
         __doc__, "oneshot_quality.jsonl"
     )
     for seed in args.seeds:
-        keras.utils.set_random_seed(seed)
-        dense = build_model()
-        dense.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        dense.fit(
-            x_train, y_train, epochs=args.epochs, batch_size=128, verbose=0
-        )
+        dense = trained_model(seed, x_train, y_train, args.epochs)
         weights = dense.get_weights()
         pruned_size = sum(
             int(np.prod(layer.kernel.shape)) for layer in dense.layers
