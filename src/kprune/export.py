@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from kprune import _keras_internals
+from kprune import registry
 from kprune.api_export import kprune_export
 from kprune.compression import _plain_model
 from kprune.wrapper import collect_pruned_layers
@@ -972,9 +973,7 @@ def _gemm_matrix(layer):
         inputs, output = layer.equation.replace(" ", "").split("->")
         source, letters = inputs.split(",")
         batch = [c for c in letters if c in source and c in output]
-        contracted = [
-            i for i, c in enumerate(letters) if c in source and c not in output
-        ]
+        contracted = registry.einsum_contracted_axes(layer.equation)
         if contracted and not batch and "." not in letters:
             rest = [i for i in range(kernel.ndim) if i not in contracted]
             columns = int(np.prod([kernel.shape[i] for i in contracted]))

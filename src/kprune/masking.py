@@ -165,9 +165,9 @@ def _select_kth_largest(values, keys_of, k, total_bits=31):
     so the cost is a few reads of the tensor whatever `k`, with no sort.
 
     Args:
-        values: 1-D float tensor.
+        values: 1-D tensor: scores, or their keys.
         keys_of: Function from a chunk of `values` to its int32 keys
-            (`_keys`).
+            (`_keys`, or `_same` when `values` are keys already).
         k: Scalar int32 tensor, `1 <= k <= len(values)`.
         total_bits: Python int, the key width: keys are in
             `[0, 2**total_bits)`.
@@ -327,7 +327,7 @@ def top_k_mask(scores, k):
     array([ True, False,  True, False])
     """
     scores = ops.cast(scores, "float32")
-    return _top_k(scores, lambda chunk: chunk, _compare, k)
+    return _top_k(scores, _same, _compare, k)
 
 
 def magnitude_mask(weights, sparsity):

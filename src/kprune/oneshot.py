@@ -36,6 +36,7 @@ from keras import ops
 
 from kprune import _keras_internals
 from kprune import masking
+from kprune import registry
 from kprune.api_export import kprune_export
 from kprune.wrapper import validate_pruning_args
 
@@ -498,7 +499,7 @@ def _einsum_linear(layer):
             return right.index(letter) - len(right)
         return inputs.index(letter)
 
-    kernel_in = [i for i, c in enumerate(kernel) if c in inputs]
+    kernel_in = registry.einsum_contracted_axes(equation)
     kernel_out = [i for i, c in enumerate(kernel) if c in output]
     input_axes = [input_axis(kernel[i]) for i in kernel_in]
     shape = tuple(layer.kernel.shape)

@@ -221,14 +221,21 @@ def weight_input_axis(layer, weight) -> int:
     return input_channel_axis(layer)
 
 
-def _contracted_axis(equation):
+def einsum_contracted_axes(equation) -> list:
+    """The kernel axes that an `EinsumDense` equation `"x,w->y"` sums with
+    its input, in kernel order: the kernel's input axes."""
     inputs, output = equation.replace(" ", "").split("->")
     source, kernel = inputs.split(",")
-    contracted = [
+    return [
         i
         for i, letter in enumerate(kernel)
         if letter in source and letter not in output
     ]
+
+
+def _contracted_axis(equation):
+    kernel = equation.replace(" ", "").split("->")[0].split(",")[1]
+    contracted = einsum_contracted_axes(equation)
     # With several contracted axes (the output kernel "abcd,cde->abe"),
     # the last one runs along consecutive inputs of the flattened input.
     return (contracted[-1] if contracted else len(kernel) - 2) - len(kernel)
