@@ -689,6 +689,17 @@ def _batches(calibration_data, batch_size):
     return batches
 
 
+def _checked_batches(model, calibration_data, batch_size):
+    """The calibration batches, checked against `model`'s inputs; the first
+    builds `model` when it is not built yet."""
+    batches = _batches(calibration_data, batch_size)
+    _check_fits(model, batches[0])
+    if not model.built:
+        # A subclassed model creates its layers' weights when called.
+        _call_checked(model, batches[0])
+    return batches
+
+
 def _check_fits(model, batch):
     """Raises a clear error when `batch` does not fit a graph model's
     inputs."""
@@ -1013,11 +1024,7 @@ def oneshot(
                 f"method={method!r}: pass the model's inputs for a few "
                 "hundred samples."
             )
-        batches = _batches(calibration_data, batch_size)
-        _check_fits(model, batches[0])
-        if not model.built:
-            # A subclassed model creates its layers' weights when called.
-            _call_checked(model, batches[0])
+        batches = _checked_batches(model, calibration_data, batch_size)
     linears, skipped = _select(model, layers)
     if not linears:
         reasons = "".join(
@@ -1377,10 +1384,7 @@ def quantize_gptq(
             "Argument `calibration_data` is required: pass the model's "
             "inputs for a few hundred samples."
         )
-    batches = _batches(calibration_data, batch_size)
-    _check_fits(model, batches[0])
-    if not model.built:
-        _call_checked(model, batches[0])
+    batches = _checked_batches(model, calibration_data, batch_size)
     linears, skipped = _select(model, layers)
     chosen = []
     for linear in linears:
