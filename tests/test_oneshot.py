@@ -593,7 +593,7 @@ def test_self_attention_projections_are_calibrated_in_one_pass():
     attention = model.layers[1]
     x = np.random.default_rng(0).normal(size=(32, 6, 8)).astype("float32")
     linears, _ = oneshot_module._select(model, None)
-    groups, _ = oneshot_module._call_order(model, linears, x)
+    groups, _, _ = oneshot_module._call_order(model, linears, x)
     names = [[linear.layer.name for linear in group] for group in groups]
     assert names == [
         ["query", "key", "value"],
@@ -717,7 +717,7 @@ def test_branches_on_one_input_keep_their_own_statistics():
     model = keras.Model(inputs, h)
     x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
     linears, _ = oneshot_module._select(model, None)
-    groups, _ = oneshot_module._call_order(model, linears, x)
+    groups, _, _ = oneshot_module._call_order(model, linears, x)
     assert [[x.layer.name for x in group] for group in groups] == [
         ["small", "large"]
     ]

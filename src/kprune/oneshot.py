@@ -745,47 +745,47 @@ class _Captured(Exception):
 
 
 class _Hooks:
-    """Temporarily routes calls of some layers through `on_call`.
+    """Temporarily replaces the `call` of some layers.
 
-    `on_call(linear, inputs)` runs before the layer's own `call`; it may
-    raise `_Captured` to end the forward pass there.
+    `layers` holds `(key, layer)` pairs; within the `with` block, `layer`'s
+    `call` is `wrap(key, call)`, its own `call` wrapped. A wrapper may raise
+    `_Captured` to end the forward pass there.
     """
 
-    def __init__(self, linears, on_call):
-        self.linears = linears
-        self.on_call = on_call
+    def __init__(self, layers, wrap):
+        self.layers = layers
+        self.wrap = wrap
         # Layers whose `call` was an instance attribute already -> it.
         self.own_calls = {}
 
     def __enter__(self):
-        for linear in self.linears:
-            layer = linear.layer
+        for key, layer in self.layers:
             original = layer.call
             if "call" in vars(layer):
                 self.own_calls[id(layer)] = original
-
-            def call(*args, _linear=linear, _call=original, **kwargs):
-                inputs = args[0] if args else kwargs["inputs"]
-                self.on_call(_linear, inputs)
-                return _call(*args, **kwargs)
-
-            layer.call = call
+            layer.call = self.wrap(key, original)
         return self
 
     def __exit__(self, *exc):
-        for linear in self.linears:
-            layer = linear.layer
+        for _, layer in reversed(self.layers):
             if id(layer) in self.own_calls:
                 layer.call = self.own_calls[id(layer)]
             else:
                 del layer.call
 
 
-def _run(model, batch):
-    try:
-        model(batch, training=False)
-    except _Captured:
-        pass
+def _input_hooks(linears, on_call):
+    """`_Hooks` that run `on_call(linear, inputs)` before each of the
+    layers of `linears` is called on `inputs`."""
+
+    def wrap(linear, original):
+        def call(*args, **kwargs):
+            on_call(linear, args[0] if args else kwargs["inputs"])
+            return original(*args, **kwargs)
+
+        return call
+
+    return _Hooks([(linear, linear.layer) for linear in linears], wrap)
 
 
 def _call_checked(model, batch):
@@ -802,9 +802,128 @@ def _call_checked(model, batch):
         ) from error
 
 
-def _call_order(model, linears, batch):
-    """Groups of layers, in the order the model first calls them, and how
-    many times each layer is called per forward pass.
+def _candidate_blocks(model, structure=None):
+    """Layers that may be `model`'s blocks, run one after the other: the
+    `sequential_blocks` of `structure` or of
+    `model.get_quantization_layer_structure("gptq")` (keras-hub's
+    `CausalLM` and `MaskedLM` models name their transformer layers so),
+    else the model's own layers (a `Sequential` model's are such a
+    chain). `_BlockTrace` checks that they are."""
+    if structure is None:
+        structure = model.get_quantization_layer_structure("gptq")
+    if structure and structure.get("sequential_blocks"):
+        return list(structure["sequential_blocks"])
+    return [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+
+
+def _same_leaves(a, b):
+    """Whether `a` and `b` hold the very same tensors and equal plain
+    values (`None`, flags, numbers, strings)."""
+    a, b = keras.tree.flatten(a), keras.tree.flatten(b)
+    return len(a) == len(b) and all(
+        x is y
+        or (
+            isinstance(x, (bool, int, float, str))
+            and type(x) is type(y)
+            and x == y
+        )
+        for x, y in zip(a, b)
+    )
+
+
+class _BlockTrace:
+    """Watches some candidate layers ("blocks") during a forward pass, to
+    tell whether the model runs them as a chain.
+
+    A chain: each block is called once, none inside another, each on the
+    output of the block called before it (the very tensor), and with the
+    same other arguments as the first one (padding masks and positions
+    computed once before the blocks, the `training` flag). Then the input
+    of each block depends on the model's input only through the input of
+    the first, and a block can be re-run on its inputs kept from the pass
+    before, without the layers before it.
+    """
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        # (block, args, kwargs, output) in the order they are entered.
+        self.calls = []
+        # Index in `calls` of the block running, or `None`.
+        self.active = None
+        self.nested = False
+
+    def hooks(self):
+        def wrap(block, original):
+            def call(*args, **kwargs):
+                if self.active is not None:
+                    self.nested = True
+                    return original(*args, **kwargs)
+                self.active = len(self.calls)
+                self.calls.append([block, args, kwargs, None])
+                try:
+                    self.calls[-1][3] = original(*args, **kwargs)
+                finally:
+                    self.active = None
+                return self.calls[-1][3]
+
+            return call
+
+        return _Hooks([(block, block) for block in self.blocks], wrap)
+
+    def chain(self, groups, places):
+        """`None` if the blocks are not a chain or hold no group of
+        `groups`, else `(blocks, owners)`: the blocks in call order and,
+        per group, the index of the block it lies in, or `None` for a
+        group before the first or after the last of those blocks.
+        `places[id(linear)]`: the set of `self.active` values seen when
+        `linear` was called."""
+        calls = self.calls
+        if (
+            self.nested
+            or not calls
+            or not calls[0][1]
+            or len({id(call[0]) for call in calls}) != len(calls)
+        ):
+            return None
+        _, first_args, first_kwargs, _ = calls[0]
+        for before, (_, args, kwargs, _) in zip(calls, calls[1:]):
+            if (
+                not args
+                or args[0] is not before[3]
+                or not _same_leaves(args[1:], first_args[1:])
+                or set(kwargs) != set(first_kwargs)
+                or not _same_leaves(
+                    [kwargs[k] for k in sorted(kwargs)],
+                    [first_kwargs[k] for k in sorted(first_kwargs)],
+                )
+            ):
+                return None
+        owners = []
+        for group in groups:
+            where = set().union(*(places[id(linear)] for linear in group))
+            if len(where) != 1:
+                return None
+            owners.append(where.pop())
+        inside = [i for i, owner in enumerate(owners) if owner is not None]
+        if not inside:
+            return None
+        # Groups outside the blocks come before or after them all, and the
+        # groups of each block come together.
+        span = owners[inside[0] : inside[-1] + 1]
+        if None in span or span != sorted(span):
+            return None
+        return [call[0] for call in calls], owners
+
+
+def _call_order(model, linears, batch, blocks=()):
+    """Groups of layers, in the order the model first calls them, how
+    many times each layer is called per forward pass, and the blocks the
+    groups lie in (see `_BlockTrace.chain`; `None` unless the candidate
+    `blocks` are a chain).
 
     Consecutive layers called on the very same input tensor (the query,
     key and value projections of self-attention) form one group: they
@@ -814,6 +933,8 @@ def _call_order(model, linears, batch):
     groups, calls = [], {}
     # The input of the current group, held so that its id is not reused.
     current = []
+    trace = _BlockTrace(blocks)
+    places = {}
 
     def record(linear, inputs):
         if id(linear) not in calls:
@@ -824,8 +945,9 @@ def _call_order(model, linears, batch):
                 groups.append([linear])
                 current[:] = [inputs]
         calls[id(linear)] += 1
+        places.setdefault(id(linear), set()).add(trace.active)
 
-    with _Hooks(linears, record):
+    with _input_hooks(linears, record), trace.hooks():
         _call_checked(model, batch)
     current.clear()
     unused = [x.layer.name for x in linears if id(x) not in calls]
@@ -843,7 +965,7 @@ def _call_order(model, linears, batch):
             split.extend([x] for x in group)
         else:
             split.append(group)
-    return split, calls
+    return split, calls, trace.chain(split, places)
 
 
 def _check_sparsity(sparsity):
@@ -1058,9 +1180,11 @@ def oneshot(
                 f"for these layers (input channels): {bad}. Leave them out "
                 "with `layers=`."
             )
-    calls = None
+    calls = chain = None
     if batches is not None:
-        groups, calls = _call_order(model, linears, batches[0])
+        groups, calls, chain = _call_order(
+            model, linears, batches[0], _candidate_blocks(model)
+        )
     if batches is None:
         groups = [[linear] for linear in linears]
 
@@ -1089,7 +1213,15 @@ def oneshot(
         ).T
 
     _sequential(
-        model, groups, algorithm, batches, calls, prune, verbose, on_device
+        model,
+        groups,
+        algorithm,
+        batches,
+        calls,
+        prune,
+        verbose,
+        chain=chain,
+        on_device=on_device,
     )
     return model
 
@@ -1102,6 +1234,7 @@ def _sequential(
     calls,
     transform,
     verbose,
+    chain=None,
     on_device=False,
 ):
     """Replaces each layer's matrix by `transform(linear, statistics,
@@ -1109,47 +1242,140 @@ def _sequential(
     the outputs of the groups already transformed. If anything fails, every
     layer transformed so far gets its matrix back before the error is
     raised. The matrix is `(in, out)`: a float64 NumPy copy on the host, or
-    with `on_device` a float32 tensor where the kernel lives."""
+    with `on_device` a float32 tensor where the kernel lives.
+
+    With a `chain` (from `_call_order`), the groups inside its blocks are
+    calibrated by running only their block, on its inputs kept from the
+    block before (`_by_blocks`); otherwise each group is calibrated by
+    running the model from its input on every batch, up to the group."""
     read, write = (
         (_Linear.tensor, _Linear.assign_tensor)
         if on_device
         else (_Linear.matrix, _Linear.assign)
     )
     originals = []
-    progress = keras.utils.Progbar(
-        sum(len(group) for group in groups), verbose=verbose, unit_name="layer"
-    )
-    done = 0
+
+    def calibrate(run, group, items):
+        """Collects `group`'s statistics from `run(item)` for each item
+        (a forward pass), then transforms its layers."""
+        statistics = {}
+        for linear in group:
+            if linear.signature not in statistics:
+                statistics[linear.signature] = algorithm(linear.in_features)
+        if algorithm.needs_data:
+            _collect(run, group, statistics, items, calls)
+        for linear in group:
+            matrix = read(linear)
+            originals.append((linear, matrix))
+            write(
+                linear,
+                transform(linear, statistics[linear.signature], matrix),
+            )
+
+    def whole(batch):
+        model(batch, training=False)
+
     try:
+        if chain is not None and algorithm.needs_data:
+            _by_blocks(model, chain, groups, batches, calibrate, whole, verbose)
+            return
+        progress = keras.utils.Progbar(
+            sum(len(group) for group in groups),
+            verbose=verbose,
+            unit_name="layer",
+        )
+        done = 0
         for group in groups:
-            statistics = {}
-            for linear in group:
-                if linear.signature not in statistics:
-                    statistics[linear.signature] = algorithm(linear.in_features)
-            if algorithm.needs_data:
-                _collect(model, group, statistics, batches, calls)
-            for linear in group:
-                matrix = read(linear)
-                originals.append((linear, matrix))
-                write(
-                    linear,
-                    transform(linear, statistics[linear.signature], matrix),
-                )
-                done += 1
-                progress.update(done)
+            calibrate(whole, group, batches)
+            done += len(group)
+            progress.update(done)
     except BaseException:
         for linear, matrix in originals:
             write(linear, matrix)
         raise
 
 
-def _collect(model, group, statistics, batches, calls):
-    """Runs the model on each batch and feeds the inputs of `group`'s
-    layers to `statistics[layer's signature].add_batch`. The layers of a
-    group of several share one input tensor, so each signature's rows are
-    added once per pass, and the pass stops once every layer has been
-    called; a lone layer may be called several times, on different inputs,
-    and takes them all."""
+def _by_blocks(model, chain, groups, batches, calibrate, whole, verbose):
+    """`_sequential`'s loop for a model whose groups lie in a chain of
+    blocks (`_call_order`): the model runs once per batch up to the first
+    block that holds a group, and its inputs are kept; then, block after
+    block, each group of the block is calibrated by running the block
+    alone on the kept inputs (stopping once the group has been called),
+    and the transformed block is run on them to give the next block's
+    inputs, which replace them. Only one block's inputs (and the other
+    arguments every block takes, such as padding masks) are kept. Groups
+    before or after the blocks are calibrated with `whole`, the model
+    from its input."""
+    blocks, owners = chain
+    inside = [i for i, owner in enumerate(owners) if owner is not None]
+    for group in groups[: inside[0]]:
+        calibrate(whole, group, batches)
+    first, last = owners[inside[0]], owners[inside[-1]]
+    hidden, others = [], []
+    for args, kwargs in _block_inputs(model, blocks[first], batches):
+        hidden.append(args[0])
+        others.append((args[1:], kwargs))
+    by_block = {}
+    for group, owner in zip(groups, owners):
+        if owner is not None:
+            by_block.setdefault(owner, []).append(group)
+    progress = keras.utils.Progbar(
+        len(by_block), verbose=verbose, unit_name="block"
+    )
+    for index in range(first, last + 1):
+        block = blocks[index]
+
+        def run(item, block=block):
+            args, kwargs = others[item]
+            return block(hidden[item], *args, **kwargs)
+
+        for group in by_block.get(index, []):
+            calibrate(run, group, range(len(batches)))
+        if index < last:
+            for item in range(len(batches)):
+                hidden[item] = run(item)
+        if index in by_block:
+            progress.update(sorted(by_block).index(index) + 1)
+    hidden.clear()
+    for group in groups[inside[-1] + 1 :]:
+        calibrate(whole, group, batches)
+
+
+def _block_inputs(model, block, batches):
+    """The `(args, kwargs)` that `block`'s `call` gets when the model runs
+    on each batch; each forward pass stops there."""
+    inputs = []
+
+    def wrap(_, original):
+        def call(*args, **kwargs):
+            inputs.append((args, kwargs))
+            raise _Captured()
+
+        return call
+
+    with _Hooks([(block, block)], wrap):
+        for index, batch in enumerate(batches):
+            try:
+                model(batch, training=False)
+            except _Captured:
+                pass
+            if len(inputs) != index + 1:
+                raise ValueError(
+                    f"Model {model.name!r} calls layer {block.name!r} on "
+                    "the first calibration batch but not on batch "
+                    f"{index}. Pass calibration batches the model runs "
+                    "the same way."
+                )
+    return inputs
+
+
+def _collect(run, group, statistics, items, calls):
+    """Runs `run(item)` (a forward pass) for each item and feeds the
+    inputs of `group`'s layers to `statistics[layer's signature]
+    .add_batch`. The layers of a group of several share one input tensor,
+    so each signature's rows are added once per pass, and the pass stops
+    once every layer has been called; a lone layer may be called several
+    times, on different inputs, and takes them all."""
     once = all(calls[id(linear)] == 1 for linear in group)
     seen = []
 
@@ -1162,10 +1388,13 @@ def _collect(model, group, statistics, batches, calls):
         if once and len(seen) == len(group):
             raise _Captured()
 
-    with _Hooks(group, record):
-        for batch in batches:
+    with _input_hooks(group, record):
+        for item in items:
             seen.clear()
-            _run(model, batch)
+            try:
+                run(item)
+            except _Captured:
+                pass
 
 
 class _MaskedGPTQ(_SparseGPT):
@@ -1412,7 +1641,12 @@ def quantize_gptq(
             + ".",
             stacklevel=2,
         )
-    groups, calls = _call_order(model, chosen, batches[0])
+    groups, calls, chain = _call_order(
+        model,
+        chosen,
+        batches[0],
+        _candidate_blocks(model, config.quantization_layer_structure),
+    )
     encodings = {}
 
     def quantize(linear, statistics, matrix):
@@ -1426,7 +1660,16 @@ def quantize_gptq(
         )
         return weights.T
 
-    _sequential(model, groups, _MaskedGPTQ, batches, calls, quantize, verbose)
+    _sequential(
+        model,
+        groups,
+        _MaskedGPTQ,
+        batches,
+        calls,
+        quantize,
+        verbose,
+        chain=chain,
+    )
     for group in groups:
         for linear in group:
             levels, scales, zeros = encodings[id(linear)]
