@@ -9,11 +9,14 @@ every Dense and EinsumDense kernel of its blocks with
 unstructured and 2:4, calibrated on 64 training sequences, with no
 training afterwards. The tied embedding and output projection stay dense.
 Prints one JSON line per run (held-out perplexity per byte, one-shot
-seconds) and appends it to `--out`.
+seconds, and how many times the one-shot call ran the model from its
+input and ran a transformer block, per calibration batch, a run stopped
+early counted as one) and appends it to `--out`.
 
 Run: `OPENBLAS_NUM_THREADS=1 nice python benchmarks/oneshot_lm.py`
 (about 8 minutes per seed on 2 cores); `benchmarks/README.md` has the
-table.
+table. `--layers 8 --steps 100` times a deeper model (its perplexity is
+not comparable).
 """
 
 import argparse
@@ -33,6 +36,10 @@ import numpy as np  # noqa: E402
 from oneshot_quality import pruned_copies  # noqa: E402
 
 CONTEXT = 128
+# Calls since the model was built (not those building it): of the
+# backbone (a forward pass from the model's input) and of any transformer
+# block.
+CALLS = {"model": 0, "block": 0}
 
 
 def corpus():
@@ -61,17 +68,33 @@ def inputs(sequences):
     }
 
 
-def build_model():
+def counted(layer, key):
+    """Counts the calls of `layer` in `CALLS[key]`."""
+    original = layer.call
+
+    def call(*args, **kwargs):
+        CALLS[key] += 1
+        return original(*args, **kwargs)
+
+    layer.call = call
+
+
+def build_model(layers=2):
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=256,
-        num_layers=2,
+        num_layers=layers,
         num_heads=4,
         hidden_dim=128,
         intermediate_dim=512,
         max_sequence_length=CONTEXT,
         dropout=0.0,
     )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    counted(backbone, "model")
+    for block in backbone.transformer_layers:
+        counted(block, "block")
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    CALLS.update(model=0, block=0)
+    return model
 
 
 def perplexity(model, sequences):
@@ -87,6 +110,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--held-out", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument(
         "--out",
         default=str(pathlib.Path(__file__).with_name("oneshot_lm.jsonl")),
@@ -99,7 +123,7 @@ def main():
         train = windows(train_text, args.steps * args.batch, rng)
         test = windows(held_out_text, args.held_out, np.random.default_rng(99))
         calibration = inputs(windows(train_text, args.calibration, rng))
-        dense = build_model()
+        dense = build_model(args.layers)
         dense.compile(
             optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -118,8 +142,10 @@ def main():
             for t in ("0.5", "2:4")
             for m in ("magnitude", "wanda", "sparsegpt")
         ]
+        # Batches of `oneshot`'s default `batch_size`, 32.
+        batches = math.ceil(args.calibration / 32)
         for method, target, model, seconds in pruned_copies(
-            build_model, weights, calibration, runs
+            lambda: build_model(args.layers), weights, calibration, runs
         ):
             record = {
                 "backend": keras.backend.backend(),
@@ -132,6 +158,9 @@ def main():
                     seconds / pruned_size * 1e6, 3
                 ),
                 "pruned_weights": pruned_size,
+                "layers": args.layers,
+                "model_passes_per_batch": CALLS["model"] / batches,
+                "block_runs_per_batch": CALLS["block"] / batches,
                 "train_steps": args.steps,
                 "train_seconds": round(train_seconds, 1),
             }

@@ -1182,9 +1182,9 @@ def oneshot(
             )
     calls = chain = None
     if batches is not None:
-        groups, calls, chain = _call_order(
-            model, linears, batches[0], _candidate_blocks(model)
-        )
+        # Magnitude pruning runs no forward pass: blocks are of no use.
+        blocks = _candidate_blocks(model) if algorithm.needs_data else ()
+        groups, calls, chain = _call_order(model, linears, batches[0], blocks)
     if batches is None:
         groups = [[linear] for linear in linears]
 
