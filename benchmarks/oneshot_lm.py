@@ -147,6 +147,11 @@ def main():
         for method, target, model, seconds in pruned_copies(
             lambda: build_model(args.layers), weights, calibration, runs
         ):
+            # Counted before `perplexity` traces the model.
+            passes = {
+                "model_passes_per_batch": CALLS["model"] / batches,
+                "block_runs_per_batch": CALLS["block"] / batches,
+            }
             record = {
                 "backend": keras.backend.backend(),
                 "seed": seed,
@@ -159,8 +164,7 @@ def main():
                 ),
                 "pruned_weights": pruned_size,
                 "layers": args.layers,
-                "model_passes_per_batch": CALLS["model"] / batches,
-                "block_runs_per_batch": CALLS["block"] / batches,
+                **passes,
                 "train_steps": args.steps,
                 "train_seconds": round(train_seconds, 1),
             }
