@@ -4,7 +4,11 @@ No training: each prunable layer is pruned once, in the order the model
 calls its layers, from statistics of its inputs on calibration data. The
 inputs are those the model produces with the layers before already pruned
 (as SparseGPT and Wanda do across blocks), so each layer sees the errors
-of the ones before it. Three methods:
+of the ones before it. A model whose layers lie in a chain of blocks
+(keras-hub's `sequential_blocks`, a `Sequential` model's layers) is run
+block by block, each block on its inputs kept from the block before;
+other models are run from their input for each group of layers. Three
+methods:
 
 - `"magnitude"`: the weights of smallest absolute value in each layer (the
   baseline; needs no data).
@@ -809,7 +813,8 @@ def _candidate_blocks(model, structure=None):
     `CausalLM` and `MaskedLM` models name their transformer layers so),
     else the model's own layers (a `Sequential` model's are such a
     chain). `_BlockTrace` checks that they are."""
-    if structure is None:
+    # Models of Keras 3.11 and older have no such method.
+    if structure is None and hasattr(model, "get_quantization_layer_structure"):
         structure = model.get_quantization_layer_structure("gptq")
     if structure and structure.get("sequential_blocks"):
         return list(structure["sequential_blocks"])
@@ -1011,12 +1016,22 @@ def oneshot(
 
     Each `Dense`, `EinsumDense` and `Conv1D`/`Conv2D`/`Conv3D` layer
     (those inside attention layers, keras-hub blocks and nested models
-    included) is pruned once, in the
-    order the model calls them: the model is run on the calibration data
-    with the layers before already pruned, the layer's inputs are
-    collected, the layer is pruned, and the next one follows. The model is
-    pruned in place, keeps its class, and is returned: a plain Keras model
-    whose pruned weights are exact zeros.
+    included) is pruned once, in the order the model calls them: the model
+    is run on the calibration data with the layers before already pruned,
+    the layer's inputs are collected, the layer is pruned, and the next
+    one follows. The model is pruned in place, keeps its class, and is
+    returned: a plain Keras model whose pruned weights are exact zeros.
+
+    When the model's layers lie in a chain of blocks (the
+    `sequential_blocks` of `model.get_quantization_layer_structure("gptq")`,
+    which keras-hub's `CausalLM` and `MaskedLM` models define, or a
+    `Sequential` model's layers), the model runs once per calibration
+    batch up to the first block, then each block runs alone on its inputs
+    kept from the block before: the time grows linearly with the number of
+    blocks, and one block's inputs are kept. Otherwise, each group of
+    layers is calibrated by running the model from its input, stopped after
+    the group: the time grows with the square of the depth. Both give the
+    same weights.
 
     Each layer keeps exactly `kept_count(size, sparsity)` weights (the
     count `kprune.ConstantSparsity` keeps), or has exactly `m` zeros in
@@ -1072,7 +1087,9 @@ def oneshot(
             which does not change the result.
         hessian_damping: SparseGPT: `hessian_damping * mean(diag(H))` is
             added to the Hessian's diagonal.
-        verbose: 0 for silence, 1 for a progress bar of the layers.
+        verbose: 0 for silence, 1 for a progress bar of the blocks done
+            (of the layers done for a model without blocks), with the time
+            left.
 
     Returns:
         `model`, pruned.
@@ -1322,6 +1339,7 @@ def _by_blocks(model, chain, groups, batches, calibrate, whole, verbose):
     progress = keras.utils.Progbar(
         len(by_block), verbose=verbose, unit_name="block"
     )
+    progress.update(0)
     for index in range(first, last + 1):
         block = blocks[index]
 
@@ -1539,10 +1557,11 @@ def quantize_gptq(
       small nonzero weights). This is SparseGPT's joint 50% + 4-bit
       recipe: prune with `kprune.oneshot.oneshot`, then call this.
     - The calibration data are the model's own inputs, as for
-      `kprune.oneshot.oneshot` (any model and input type, no tokenizer and
-      no `quantization_layer_structure`), and the layers are calibrated
-      one after the other, in call order, each on the outputs of the
-      layers before it already quantized.
+      `kprune.oneshot.oneshot` (any model and input type, no tokenizer),
+      and the layers are calibrated one after the other, in call order,
+      each on the outputs of the layers before it already quantized,
+      block by block as in `kprune.oneshot.oneshot` when the model's
+      layers lie in a chain of blocks.
 
     Per layer this is GPTQ (Frantar et al., 2023) with the upper Cholesky
     factor of the dampened inverse Hessian, blocks of `blocksize` columns,
@@ -1555,9 +1574,11 @@ def quantize_gptq(
         calibration_data: The model's inputs for a few hundred samples, as
             for `kprune.oneshot.oneshot`.
         config: A `keras.quantizers.GPTQConfig`; its `weight_bits`,
-            `group_size`, `symmetric` and `hessian_damping` are used, its
-            `dataset`, `tokenizer`, `num_samples`, `sequence_length` and
-            `quantization_layer_structure` are not (pass `None` for them).
+            `group_size`, `symmetric` and `hessian_damping` are used, and
+            the `sequential_blocks` of its `quantization_layer_structure`
+            (if set, else the model's own) are the blocks run one after
+            the other; its `dataset`, `tokenizer`, `num_samples` and
+            `sequence_length` are not used (pass `None` for them).
             `per_channel=False` and `activation_order=True` are not
             supported. Default: `GPTQConfig(None, None)` (4 bits, groups
             of 128, asymmetric).
@@ -1567,7 +1588,8 @@ def quantize_gptq(
         batch_size: Batch size for array `calibration_data`.
         blocksize: Columns whose updates are applied together (this
             changes the speed, not the result).
-        verbose: 0 for silence, 1 for a progress bar of the layers.
+        verbose: 0 for silence, 1 for a progress bar of the blocks (or
+            layers) done, with the time left.
 
     Returns:
         `model`, quantized in place.
