@@ -1330,7 +1330,7 @@ def _by_blocks(model, chain, groups, batches, calibrate, whole, verbose):
     first, last = owners[inside[0]], owners[inside[-1]]
     hidden, others = [], []
     for args, kwargs in _block_inputs(model, blocks[first], batches):
-        hidden.append(args[0])
+        hidden.append(_detached(args[0]))
         others.append((args[1:], kwargs))
     by_block = {}
     for group, owner in zip(groups, owners):
@@ -1351,12 +1351,20 @@ def _by_blocks(model, chain, groups, batches, calibrate, whole, verbose):
             calibrate(run, group, range(len(batches)))
         if index < last:
             for item in range(len(batches)):
-                hidden[item] = run(item)
+                hidden[item] = _detached(run(item))
         if index in by_block:
             progress.update(sorted(by_block).index(index) + 1)
     hidden.clear()
     for group in groups[inside[-1] + 1 :]:
         calibrate(whole, group, batches)
+
+
+def _detached(value):
+    """`value` cut from the autograd graph that made it (on torch, kept
+    activations would otherwise hold those of every block before)."""
+    return keras.tree.map_structure(
+        lambda x: ops.stop_gradient(x) if ops.is_tensor(x) else x, value
+    )
 
 
 def _block_inputs(model, block, batches):
