@@ -147,6 +147,7 @@ def test_gpt2_progress_bar_counts_blocks(capsys):
     assert "2/2" in out and "/block" in out
 
 
+@pytest.mark.slow
 def test_bert_masked_lm_blocks_and_head_equal_whole_model_passes(
     monkeypatch,
 ):
