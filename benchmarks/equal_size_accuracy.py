@@ -3,9 +3,13 @@ MobileNetV2, Fashion-MNIST at 32x32x3 (issue 13).
 
 Model: `keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3),
 classes=10, alpha=--alpha)` with every BatchNormalization momentum set to
-0.99 (the applications default, 0.999, leaves the moving statistics mostly
-at their initial values after the thousand-odd steps of this budget, so
-test accuracy would measure that rather than the weights). Images: the
+0.9. The applications default, 0.999, is for long ImageNet runs: after
+the few hundred steps of this budget the moving statistics lag the
+weights so far that the model predicts one class in inference mode (with
+0.99 already: test accuracy 0.10 after 2 epochs on 10,000 images, where
+the same model scores 0.68 on those test images in training mode); 0.9
+follows the weights (0.66 in inference mode) and leaves training itself
+unchanged. Images: the
 28x28 Fashion-MNIST images resized (bilinear) to 32x32, repeated on 3
 channels, scaled to [-1, 1]; a fixed random subset of `--train-samples`
 training images (the same for every seed) and the full 10,000-image test
@@ -67,7 +71,7 @@ ARMS = ("structured", "unstructured", "small dense")
 
 def build_model(alpha):
     """MobileNetV2 for 32x32x3 inputs and 10 classes, BatchNorm momentum
-    0.99."""
+    0.9."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = keras.applications.MobileNetV2(
@@ -75,7 +79,7 @@ def build_model(alpha):
         )
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.99
+            layer.momentum = 0.9
     return model
 
 
@@ -296,7 +300,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--alpha", type=float, default=0.35)
     parser.add_argument("--target", type=float, default=0.5)
-    parser.add_argument("--train-samples", type=int, default=30000)
+    parser.add_argument("--train-samples", type=int, default=20000)
     parser.add_argument("--test-samples", type=int, default=10000)
     parser.add_argument("--dense-epochs", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=2)
