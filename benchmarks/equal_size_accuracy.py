@@ -9,11 +9,11 @@ weights so far that the model predicts one class in inference mode (with
 0.99 already: test accuracy 0.10 after 2 epochs on 10,000 images, where
 the same model scores 0.68 on those test images in training mode); 0.9
 follows the weights (0.66 in inference mode) and leaves training itself
-unchanged. Images: the
-28x28 Fashion-MNIST images resized (bilinear) to 32x32, repeated on 3
-channels, scaled to [-1, 1]; a fixed random subset of `--train-samples`
-training images (the same for every seed) and the full 10,000-image test
-set. Adam (learning rate 1e-3, a fresh optimizer per phase), batch 128.
+unchanged. Images: the 28x28 Fashion-MNIST images resized (bilinear) to
+32x32, repeated on 3 channels, scaled to [-1, 1]; a fixed random subset
+of `--train-samples` training images (the same for every seed) and the
+full 10,000-image test set. Adam (learning rate 1e-3, a fresh optimizer
+per phase), batch 128.
 
 For each seed, every arm gets `--dense-epochs + --finetune-epochs` epochs:
 
@@ -36,10 +36,11 @@ Parameters count everything `count_params()` counts (BatchNorm moving
 statistics included). Prints one JSON line per arm and seed (test
 accuracy, parameters, seconds) and appends it to `--out`.
 
-Run: `nice python benchmarks/equal_size_accuracy.py` (about 35 minutes on
-2 cores), `--quick` for a smoke run (512 training and 1,000 test images,
-1 + 1 epochs, one seed), `--summary` to print the markdown table of the
-latest full run in `--out`.
+Run: `nice python benchmarks/equal_size_accuracy.py` (36 minutes on 2
+cores shared with other jobs, load average 5-10), `--quick` for a smoke
+run (512 training and 1,000 test images, 1 + 1 epochs, one seed; a few
+minutes, nearly all compiling), `--summary` to print the markdown table
+of the latest full run in `--out`; `benchmarks/README.md` has the table.
 """
 
 import argparse
