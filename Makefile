@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint format clean bench bench-full bench-latency docs
+.PHONY: demo test test-all lint format clean bench bench-full bench-latency \
+	bench-equal-size docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,13 @@ BENCH_ARGS ?=
 bench-latency: $(VENV)/.installed
 	KERAS_BACKEND=tensorflow $(PY) benchmarks/latency.py $(BENCH_ARGS)
 	$(PY) benchmarks/latency.py --summary $(filter --quick,$(BENCH_ARGS))
+
+# Test accuracy at equal parameter count on Fashion-MNIST (32x32x3,
+# MobileNetV2): structured-pruned and shrunk vs unstructured vs a narrower
+# dense model, 3 seeds (issue 13; about 36 minutes on 2 busy cores;
+# BENCH_ARGS=--quick for a smoke run). Table: benchmarks/README.md.
+bench-equal-size: $(VENV)/.installed
+	$(PY) benchmarks/equal_size_accuracy.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples benchmarks
