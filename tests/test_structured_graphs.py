@@ -227,9 +227,7 @@ def test_dense_block_readers_lose_the_kept_channels_of_each_part():
         randomize_batch_norms(densenet_like_model()), structured(0.5)
     )
     plan = kprune.structured_plan(pruned)
-    assert {name for name, why in plan.items() if why is not None} == {
-        "head"
-    }
+    assert {name for name, why in plan.items() if why is not None} == {"head"}
     testing.compile_classifier(pruned)
     testing.fit_pruned(pruned, x, y, epochs=1)
     stem, grow1, grow2 = (

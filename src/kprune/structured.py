@@ -1,25 +1,44 @@
-"""Structured pruning: whole Dense units and Conv filters, then shrinking.
+"""Structured pruning: whole units, filters and channels, then shrinking.
 
 `StructuredSparsity` prunes whole output units of Dense layers and whole
 filters of convolutions, ranked by the L1 or L2 norm of their kernel
 slice, following a schedule during training. A removed unit also has the
-weights that read it in the next layers masked, so the masked model
-computes exactly what the model without that unit computes, and
-`shrink_model` then removes the units for real: it returns a smaller plain
-Keras model with the same predictions.
+weights that read it masked, so the masked model computes exactly what
+the model without that unit computes, and `shrink_model` then removes the
+units for real: it returns a smaller plain Keras model with the same
+predictions.
 
-A layer's units can be removed when every path from its output reaches
-Dense or Conv layers through layers that act per channel
-(BatchNormalization, activations, dropout, pooling, padding, Flatten).
-Layers whose outputs meet in element-wise merges (`Add`, `Subtract`,
-`Average`, `Maximum`, `Minimum`, `Multiply`: residual blocks) form one
-group that loses the same units, ranked by the sum of their norms; a merge
-that also takes a tensor from elsewhere (an identity skip from the model
-input, a layer not pruned structurally) leaves its group alone. Otherwise
-a layer keeps all its units, and `structured_plan` says why: model
-outputs (their units are the model's outputs), `Concatenate`, `Reshape`,
-`LayerNormalization` (which mixes channels), softmax over the units,
-shared layers, nested models, `channels_first` layers.
+Which layers must lose the same channels is read from the model's graph,
+as DepGraph (Torch-Pruning) does, not from a list of known blocks: the
+graph is walked from the inputs carrying each tensor's channel layout,
+and a small rule per layer type (`_RULES`) says how channels flow through
+it:
+
+- Dense, Conv1D/2D/3D and the pointwise part of SeparableConv make new
+  channels (their units) and read their input channels with kernel axis
+  -2;
+- DepthwiseConv1D/2D (`depth_multiplier=1`), the depthwise part of
+  SeparableConv and BatchNormalization pass the channels they read and
+  lose the removed ones from their own weights;
+- activations, dropout, pooling, padding, cropping, upsampling pass them;
+  Flatten repeats them once per position; a Reshape that keeps the last
+  axis passes them;
+- `Concatenate` along the channels lays its inputs' channels end to end,
+  so a layer reading it loses the removed channels of each part at that
+  part's offset;
+- element-wise merges (`Add`, `Subtract`, `Average`, `Maximum`,
+  `Minimum`, `Multiply`, and `Concatenate` along another axis) join the
+  channels they align: their makers form one group, ranked by the sum of
+  their norms, that loses the same units (residual blocks,
+  squeeze-and-excitation).
+
+Channels keep all their units when they reach a model output, a layer
+without a rule (`LayerNormalization`, attention, a nested model), softmax
+over the units, a layer called more than once, a layer that mixes them
+but is not pruned with `StructuredSparsity` (so it cannot mask them), a
+merge with channels that cannot lose units (an identity skip from the
+model input), or a depthwise convolution with `depth_multiplier > 1`;
+`structured_plan` says which and why.
 """
 
 import collections
@@ -444,7 +463,7 @@ class _Plan:
         self._reads.setdefault(name, []).append(layout)
         if not any(segment.space for segment in _segments(layout)):
             return
-        if masked and not call.structured:
+        if masked and not self._masks(call, [a for a, _ in weights]):
             return self.fail(
                 layout,
                 name,
@@ -466,6 +485,17 @@ class _Plan:
                 _Slice(attribute, axis, layout)
             )
 
+    @staticmethod
+    def _masks(call, attributes):
+        """Whether `StructuredSparsity` masks these weights of the layer."""
+        if not call.structured:
+            return False
+        prunable = registry.get_prunable_weights(call.layer)
+        return all(
+            any(w is getattr(call.layer, name, None) for w in prunable)
+            for name in attributes
+        )
+
     def produce(self, call, attribute, weights, set_size):
         """Returns the layout of `call.layer`'s outputs, units ranked by
         the norms of its weight `attribute` along its last axis.
@@ -478,10 +508,11 @@ class _Plan:
         layer = call.layer
         weight = getattr(layer, attribute, None)
         size = _channels(call.outputs[0])
-        pruned = call.structured and any(
-            w is weight for w in registry.get_prunable_weights(layer)
-        )
-        if not pruned or weight is None or weight.shape[-1] != size:
+        if (
+            not self._masks(call, [attribute])
+            or weight is None
+            or weight.shape[-1] != size
+        ):
             return _fixed(size, repr(layer.name))
         name = layer.name
         self._parent[name] = name
