@@ -295,6 +295,17 @@ def test_channels_concatenated_along_another_axis_lose_the_same_units():
     assert_same_outputs(small, pruned, x)
 
 
+def test_a_keras_ops_call_in_the_graph_keeps_the_channels_it_reads():
+    inputs = keras.Input((4,))
+    a = layers.Dense(6, name="a")(inputs)
+    b = layers.Dense(6, name="b")(inputs)
+    model = keras.Model(inputs, layers.Dense(2, name="out")(a + b))
+    pruned = kprune.prune_low_magnitude(model, structured(0.5))
+    plan = kprune.structured_plan(pruned)
+    assert "(keras.ops Add), which kprune cannot rewire" in plan["a"]
+    assert "(keras.ops Add), which kprune cannot rewire" in plan["b"]
+
+
 def test_separable_and_squeeze_excitation_blocks_shrink():
     inputs = keras.Input((8, 8, 3))
     x = layers.SeparableConv2D(8, 3, padding="same", name="sep1")(inputs)

@@ -195,7 +195,10 @@ def _activation_name(layer):
 
 
 def _what(layer):
-    return f"{layer.name!r} ({type(layer).__name__})"
+    kind = type(layer).__name__
+    if not isinstance(layer, L.Layer):
+        kind = f"keras.ops {kind}"
+    return f"{layer.name!r} ({kind})"
 
 
 def _channels_last(layer):
@@ -327,7 +330,10 @@ def _graph(model):
     if not inputs or not outputs:
         return None
     maker, order = {}, []
-    for layer in model.layers:
+    # A functional model's operations include the `keras.ops` called on
+    # its tensors (`a + b`), which are not layers.
+    operations = getattr(model, "operations", None) or model.layers
+    for layer in operations:
         if isinstance(layer, L.InputLayer):
             continue
         for call_inputs, call_outputs in _keras_internals.calls(layer):
