@@ -162,6 +162,9 @@ def test_a_depthwise_convolution_with_depth_multiplier_2_is_refused():
     assert plan["project"] is None
 
 
+# JAX compiles each eager op of a model this size, about two minutes; the
+# inverted residual test above runs the same rules fast there.
+@(pytest.mark.slow if keras.backend.backend() == "jax" else lambda f: f)
 def test_mobilenetv2_loses_channels_in_expand_depthwise_and_project_layers():
     model = keras.applications.MobileNetV2(
         weights=None,
@@ -184,10 +187,8 @@ def test_mobilenetv2_loses_channels_in_expand_depthwise_and_project_layers():
     small = kprune.shrink_model(pruned)
     dense = kprune.strip_pruning(pruned)
     for name in ("block_3_expand", "block_3_project", "Conv_1"):
-        assert small.get_layer(name).filters * 2 == dense.get_layer(
-            name
-        ).filters or small.get_layer(name).filters * 2 == (
-            dense.get_layer(name).filters + 1
+        assert small.get_layer(name).filters == testing.reference_kept(
+            dense.get_layer(name).filters, 0.5
         )
     channels = small.get_layer("block_3_expand").filters
     assert small.get_layer("block_3_depthwise").kernel.shape[-2] == channels
