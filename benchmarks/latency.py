@@ -143,21 +143,9 @@ def prune_and_shrink(model, inputs, target, rng):
 
 
 def left_whole(pruned):
-    """Layers pruned with StructuredSparsity that keep all their units, and
-    why (`structured_plan`'s sentence, or the layer is not one it rewires)."""
-    from kprune.wrapper import collect_pruned_layers
-
+    """`structured_plan`, and the layers it leaves whole with its reasons."""
     plan = kprune.structured.structured_plan(pruned)
     whole = {name: why for name, why in plan.items() if why is not None}
-    for wrapper in collect_pruned_layers(pruned):
-        name = wrapper.layer.name
-        if name not in plan:
-            whole[name] = (
-                f"a {type(wrapper.layer).__name__}: StructuredSparsity "
-                "removes units of top-level Dense/Conv layers only, so "
-                "structured_plan does not list it and it keeps all its "
-                "units"
-            )
     return plan, whole
 
 

@@ -36,6 +36,20 @@ def call_count(layer) -> int:
     return len(layer._inbound_nodes)
 
 
+def calls(layer) -> list:
+    """`(input tensors, output tensors)` of each symbolic call of `layer`.
+
+    The public `layer.input` and `layer.output` describe the first call
+    only; each call is a `Node` in the layer's `_inbound_nodes`
+    (ops/operation.py), whose `input_tensors` are the call's tensor
+    arguments, flattened, and `outputs` its outputs (ops/node.py).
+    """
+    return [
+        (list(node.input_tensors), list(node.outputs))
+        for node in layer._inbound_nodes
+    ]
+
+
 def copy_legacy_input_shape(source, target) -> None:
     """Gives `target` the `input_shape=` that `source` was created with.
 

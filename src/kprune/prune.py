@@ -332,9 +332,9 @@ def _warn_idle_structured(model, explicit):
         return
     idle = structured.idle_layers(model)
     if not idle or (not explicit and len(idle) < len(names)):
-        # Given to the whole model, some layers (those feeding a
-        # `Concatenate`, say) always keep their units; warn only when
-        # the model would stay dense.
+        # Given to the whole model, some layers (the model's outputs,
+        # say) always keep their units; warn only when the model would
+        # stay dense.
         return
     listed = "; ".join(f"{name!r}: {why}" for name, why in idle.items())
     warnings.warn(

@@ -1,26 +1,47 @@
-"""Structured pruning: whole Dense units and Conv filters, then shrinking.
+"""Structured pruning: whole units, filters and channels, then shrinking.
 
 `StructuredSparsity` prunes whole output units of Dense layers and whole
 filters of convolutions, ranked by the L1 or L2 norm of their kernel
 slice, following a schedule during training. A removed unit also has the
-weights that read it in the next layers masked, so the masked model
-computes exactly what the model without that unit computes, and
-`shrink_model` then removes the units for real: it returns a smaller plain
-Keras model with the same predictions.
+weights that read it masked, so the masked model computes exactly what
+the model without that unit computes, and `shrink_model` then removes the
+units for real: it returns a smaller plain Keras model with the same
+predictions.
 
-A layer's units can be removed when every path from its output reaches
-Dense or Conv layers through layers that act per channel
-(BatchNormalization, activations, dropout, pooling, padding, Flatten).
-Layers whose outputs meet in element-wise merges (`Add`, `Subtract`,
-`Average`, `Maximum`, `Minimum`, `Multiply`: residual blocks) form one
-group that loses the same units, ranked by the sum of their norms; a merge
-that also takes a tensor from elsewhere (an identity skip from the model
-input, a layer not pruned structurally) leaves its group alone. Otherwise
-a layer keeps all its units, and `structured_plan` says why: model
-outputs (their units are the model's outputs), `Concatenate`, `Reshape`,
-`LayerNormalization` (which mixes channels), softmax over the units,
-shared layers, nested models, `channels_first` layers.
+Which layers must lose the same channels is read from the model's graph,
+as DepGraph (Torch-Pruning) does, not from a list of known blocks: the
+graph is walked from the inputs carrying each tensor's channel layout,
+and a small rule per layer type (`_RULES`) says how channels flow through
+it:
+
+- Dense, Conv1D/2D/3D and the pointwise part of SeparableConv make new
+  channels (their units) and read their input channels with kernel axis
+  -2;
+- DepthwiseConv1D/2D (`depth_multiplier=1`), the depthwise part of
+  SeparableConv and BatchNormalization pass the channels they read and
+  lose the removed ones from their own weights;
+- activations, dropout, pooling, padding, cropping, upsampling pass them;
+  Flatten repeats them once per position; a Reshape that keeps the last
+  axis passes them;
+- `Concatenate` along the channels lays its inputs' channels end to end,
+  so a layer reading it loses the removed channels of each part at that
+  part's offset;
+- element-wise merges (`Add`, `Subtract`, `Average`, `Maximum`,
+  `Minimum`, `Multiply`, and `Concatenate` along another axis) join the
+  channels they align: their makers form one group, ranked by the sum of
+  their norms, that loses the same units (residual blocks,
+  squeeze-and-excitation).
+
+Channels keep all their units when they reach a model output, a layer
+without a rule (`LayerNormalization`, attention, a nested model), softmax
+over the units, a layer called more than once, a layer that mixes them
+but is not pruned with `StructuredSparsity` (so it cannot mask them), a
+merge with channels that cannot lose units (an identity skip from the
+model input), or a depthwise convolution with `depth_multiplier > 1`;
+`structured_plan` says which and why.
 """
+
+import collections
 
 import keras
 import numpy as np
@@ -29,6 +50,7 @@ from keras import ops
 
 from kprune import _keras_internals
 from kprune import masking
+from kprune import registry
 from kprune.api_export import kprune_export
 from kprune.engine import MaskGroup
 from kprune.schedules import PruningSchedule
@@ -36,8 +58,6 @@ from kprune.schedules import _AcrossLayersSchedule
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import collect_pruned_layers
 
-_UNIT_LAYERS = (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D)
-_TRANSPOSED = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
 # Layers without weights that act on each channel separately.
 _PER_CHANNEL = (
     L.Activation,
@@ -74,6 +94,14 @@ _PER_CHANNEL = (
     L.UpSampling1D,
     L.UpSampling2D,
     L.UpSampling3D,
+)
+_ELEMENTWISE_MERGES = (
+    L.Add,
+    L.Subtract,
+    L.Average,
+    L.Maximum,
+    L.Minimum,
+    L.Multiply,
 )
 _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 NORMS = ("l1", "l2")
@@ -161,258 +189,715 @@ def _base(layer):
     return layer.layer if isinstance(layer, PruneLowMagnitude) else layer
 
 
-def _is_unit_layer(layer):
-    layer = _base(layer)
-    return (
-        isinstance(layer, _UNIT_LAYERS)
-        and not isinstance(layer, _TRANSPOSED)
-        and getattr(layer, "data_format", "channels_last") == "channels_last"
-        and getattr(layer, "groups", 1) == 1
-    )
-
-
 def _activation_name(layer):
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", str(activation))
 
 
-def _passes_channels(layer):
-    layer = _base(layer)
-    if isinstance(layer, L.BatchNormalization):
-        rank = len(layer.input.shape)
-        return layer.axis in (-1, rank - 1)
-    if isinstance(layer, _PER_CHANNEL):
-        if getattr(layer, "data_format", "channels_last") != "channels_last":
-            return False
-        return _activation_name(layer) not in _CHANNEL_MIXING_ACTIVATIONS
-    return False
+def _what(layer):
+    kind = type(layer).__name__
+    if not isinstance(layer, L.Layer):
+        kind = f"keras.ops {kind}"
+    return f"{layer.name!r} ({kind})"
 
 
-_ELEMENTWISE_MERGES = (
-    L.Add,
-    L.Subtract,
-    L.Average,
-    L.Maximum,
-    L.Minimum,
-    L.Multiply,
-)
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def _channels(tensor):
+    shape = tuple(tensor.shape)
+    return shape[-1] if shape else None
+
+
+# Channel layouts. The last axis of a tensor is a sequence of blocks
+# `(segments, repeats)`: the segments' channels one after the other,
+# `repeats` times (a Flatten repeats them once per spatial position). A
+# segment is the units of a channel space (`space` is the name of a layer
+# that makes them), or `size` channels that always stay (`space` is None),
+# made by `origin`. A `Concatenate` joins its inputs' layouts, so the
+# layers reading it know which of their inputs belong to which space.
+_Segment = collections.namedtuple("_Segment", ["space", "size", "origin"])
+
+
+def _fixed(size, origin):
+    return (((_Segment(None, size, origin),), 1),)
+
+
+def _segments(layout):
+    return [segment for segments, _ in layout for segment in segments]
+
+
+def _size(layout):
+    total = 0
+    for segments, repeats in layout:
+        sizes = [segment.size for segment in segments]
+        if None in sizes:
+            return None
+        total += repeats * sum(sizes)
+    return total
+
+
+def _sizes(layout):
+    """What two layouts must share to be added element-wise."""
+    return [(tuple(s.size for s in segments), n) for segments, n in layout]
+
+
+def _layout_mask(layout, space_masks, xp):
+    """The keep-mask of `layout`'s channels, or None when it keeps all.
+
+    Args:
+        layout: A channel layout.
+        space_masks: Space name -> keep-mask of its units, for the spaces
+            that lose units.
+        xp: `keras.ops` (inside a training step) or `numpy`.
+    """
+    parts, removes = [], False
+    for segments, repeats in layout:
+        block = []
+        for segment in segments:
+            mask = space_masks.get(segment.space)
+            removes = removes or mask is not None
+            block.append(
+                xp.ones((segment.size,), "bool") if mask is None else mask
+            )
+        block = block[0] if len(block) == 1 else xp.concatenate(block)
+        parts.append(block if repeats == 1 else xp.tile(block, (repeats,)))
+    if not removes:
+        return None
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts)
+
+
+# `attribute` of a layer (a weight) follows the channels of `layout` along
+# `axis`.
+_Slice = collections.namedtuple("_Slice", ["attribute", "axis", "layout"])
+# A layer whose units make a channel space, ranked by the norms of its
+# weight `attribute` along the last axis.
+_Member = collections.namedtuple("_Member", ["layer", "attribute"])
 
 
 class _Space:
-    """Channels that must be removed together: the outputs of the Dense/Conv
-    layers (`members`) that meet in element-wise merges such as `Add`, or
-    of one layer alone."""
+    """Channels that lose the same units: the outputs of the layers in
+    `members`, which meet in element-wise merges such as `Add`, or of one
+    layer alone."""
 
-    def __init__(self, member):
+    def __init__(self, member, size):
         self.members = [member]
-        self.consumers = []  # (layer name, repeats after a Flatten)
-        self.per_channel = []  # BatchNormalization layer names
+        self.size = size
+        self.key = member.layer
+        # `(where, why)` once the space must keep all its units.
         self.reason = None
 
 
-class _Plan:
-    """Which units of which layers can be removed, read from the graph.
+class _Call:
+    """One call of a layer in the model's graph, as a rule sees it.
 
     Attributes:
-        reasons: Layer name -> `None` if its units can be removed, else the
-            reason they are kept.
-        spaces: The removable channel spaces; the members of one space lose
-            the same units.
-        space_of: Member layer name -> its removable `_Space`.
+        layer: The layer (the wrapped layer, for a pruned one).
+        inputs: The channel layout of each input tensor.
+        input_tensors: The input tensors.
+        outputs: The output tensors.
+        structured: Whether the layer is pruned with `StructuredSparsity`
+            (in the group being planned), so its weights can be masked.
+    """
+
+    def __init__(self, layer, inputs, input_tensors, outputs, structured):
+        self.layer = layer
+        self.inputs = inputs
+        self.input_tensors = input_tensors
+        self.outputs = outputs
+        self.structured = structured
+
+    @property
+    def what(self):
+        return _what(self.layer)
+
+
+def _graph(model):
+    """The calls of `model`'s layers from its inputs to its outputs.
+
+    Returns:
+        `(inputs, calls, outputs)` with `calls` a list of `(layer, input
+        tensors, output tensors, shared)` in which each call comes after
+        the calls making its inputs, or None when the model has no graph
+        (a subclassed model).
+    """
+    try:
+        inputs = list(model.inputs or [])
+        outputs = list(model.outputs or [])
+    except (AttributeError, ValueError):
+        return None
+    if not inputs or not outputs:
+        return None
+    maker, order = {}, []
+    # A functional model's operations include the `keras.ops` called on
+    # its tensors (`a + b`), which are not layers.
+    operations = getattr(model, "operations", None) or model.layers
+    for layer in operations:
+        if isinstance(layer, L.InputLayer):
+            continue
+        for call_inputs, call_outputs in _keras_internals.calls(layer):
+            call = (layer, call_inputs, call_outputs)
+            order.append(call)
+            for tensor in call_outputs:
+                maker[id(tensor)] = call
+    # Only the calls the outputs depend on: a layer may also have been
+    # called in another model's graph.
+    needed, stack = set(), list(outputs)
+    while stack:
+        call = maker.get(id(stack.pop()))
+        if call is not None and id(call) not in needed:
+            needed.add(id(call))
+            stack.extend(call[1])
+    order = [call for call in order if id(call) in needed]
+    readers, waiting = {}, {}
+    for call in order:
+        made = {id(t) for t in call[1] if id(maker.get(id(t))) in needed}
+        waiting[id(call)] = len(made)
+        for tensor_id in made:
+            readers.setdefault(tensor_id, []).append(call)
+    ready = collections.deque(c for c in order if not waiting[id(c)])
+    calls_per_layer = collections.Counter(id(call[0]) for call in order)
+    sorted_calls = []
+    while ready:
+        call = ready.popleft()
+        layer, call_inputs, call_outputs = call
+        sorted_calls.append(
+            (layer, call_inputs, call_outputs, calls_per_layer[id(layer)] > 1)
+        )
+        for tensor_id in {id(t) for t in call_outputs}:
+            for reader in readers.get(tensor_id, []):
+                waiting[id(reader)] -= 1
+                if not waiting[id(reader)]:
+                    ready.append(reader)
+    return inputs, sorted_calls, outputs
+
+
+class _Plan:
+    """Which channels of which layers can be removed, read from the graph.
+
+    The model's graph is walked from its inputs, each call of a layer in
+    turn, carrying the channel layout of every tensor. The rule of each
+    layer type (`_RULES`) says how the channels flow through it: which
+    weights follow its input channels, whether it makes new channels (a
+    Dense or Conv layer's units) and which layouts it outputs. Channel
+    spaces that meet element-wise are joined (union-find), and a space
+    reaching something that cannot follow it (a model output, a layer
+    without a rule) keeps all its units.
+
+    Attributes:
+        reasons: Name of each layer pruned with `StructuredSparsity` ->
+            `None` if it loses units or channels, else why not.
+        spaces: The channel spaces that can lose units.
+        key: Name of each layer making a space -> the key of its space
+            (the members of one space share a key).
+        slices: Layer name -> its `_Slice`s: which weights lose which
+            channels.
+        resizes: Layer name -> `(layout, set_size)` pairs: `set_size(config,
+            n)` edits its config for `layout` keeping `n` channels.
     """
 
     def __init__(self, model, structured_names):
+        self.structured = set(structured_names)
         self.reasons = {}
         self.spaces = []
-        self.space_of = {}
-        if not isinstance(model, keras.Model) or not hasattr(model, "layers"):
+        self.key = {}
+        self.slices = {}
+        self.resizes = {}
+        self._parent = {}
+        self._space = {}
+        self._refused = {}
+        self._reads = {}
+        self._seen = {}
+        graph = None
+        if isinstance(model, keras.Model):
+            graph = _graph(model)
+        if graph is None:
+            for name in sorted(self.structured):
+                self.reasons[name] = _UNKNOWN_CONNECTIONS
             return
-        self.structured = structured_names
-        self.readers = {}
-        self.maker = {}
-        self.shared = set()
-        for layer in model.layers:
-            try:
-                inputs = layer.input
-                self.maker[id(layer.output)] = layer
-            except (AttributeError, ValueError):
-                inputs = None
-            # `layer.input` is the first call's input even when a layer
-            # is called several times; only the node count tells.
-            if inputs is None or _keras_internals.call_count(layer) > 1:
-                self.shared.add(_base(layer).name)
-                continue
-            if not isinstance(inputs, (list, tuple)):
-                inputs = [inputs]
-            for tensor in inputs:
-                self.readers.setdefault(id(tensor), []).append(
-                    (layer, len(inputs))
-                )
-        self.outputs = {id(t) for t in getattr(model, "outputs", None) or []}
-        # Union-find over layer names (members and merges).
-        self.parent = {}
-        self.found = {}
-        for layer in model.layers:
+        inputs, calls, outputs = graph
+        layouts = {id(t): _fixed(_channels(t), "a model input") for t in inputs}
+        maker = {}
+        for layer, call_inputs, call_outputs, shared in calls:
             base = _base(layer)
-            if not _is_unit_layer(layer) or base.name not in structured_names:
-                continue
-            self._node(base.name)
-            if base.name in self.shared:
-                self._fail(
-                    base.name,
-                    "its connections are unknown: it is shared (called "
-                    "more than once) or inside a subclassed model",
+            call = _Call(
+                base,
+                [
+                    layouts.get(id(t)) or _fixed(_channels(t), "a tensor")
+                    for t in call_inputs
+                ],
+                call_inputs,
+                call_outputs,
+                base.name in self.structured,
+            )
+            self._seen.setdefault(base.name)
+            if shared:
+                results = self.refuse(
+                    call,
+                    f"it feeds {call.what}, which is called more than once",
+                    _UNKNOWN_CONNECTIONS,
                 )
-            elif _activation_name(base) in _CHANNEL_MIXING_ACTIVATIONS:
-                self._fail(base.name, "its softmax mixes its units")
             else:
-                self._follow(base.name, layer.output)
-        roots = {}
-        for name in self.found:
-            roots.setdefault(self._root(name), []).append(name)
-        for root, names in roots.items():
-            space = self.found[root]
-            space.members = [n for n in names if n in structured_names]
-            if space.reason is None and space.members:
-                self.spaces.append(space)
-            for name in space.members:
-                self.reasons[name] = self._reason(space, name)
-                if space.reason is None:
-                    self.space_of[name] = space
+                results = _rule(base)(self, call)
+            for tensor, layout in zip(call_outputs, results):
+                layouts[id(tensor)] = layout
+                maker[id(tensor)] = base.name
+        for tensor in outputs:
+            self.fail(
+                layouts.get(id(tensor), ()),
+                maker.get(id(tensor)),
+                "its output is a model output",
+            )
+        self._finish()
+
+    # What rules call.
+
+    def read(self, call, layout, weights, masked=True):
+        """`weights` of `call.layer`, `(attribute, axis)` pairs, follow the
+        channels of `layout`.
+
+        Args:
+            masked: Whether the weights mix the channels into others (the
+                input rows of a Dense kernel): the layer must then be
+                pruned with `StructuredSparsity`, which masks the rows of
+                removed channels, or the channels stay. Per-channel
+                weights (a BatchNormalization's, a depthwise kernel) are
+                only sliced by `shrink_model`, and masked when pruned.
+        """
+        name = call.layer.name
+        self._reads.setdefault(name, []).append(layout)
+        if not any(segment.space for segment in _segments(layout)):
+            return
+        if masked and not self._masks(call, [a for a, _ in weights]):
+            return self.fail(
+                layout,
+                name,
+                f"it feeds {call.what}, which is not pruned with "
+                "StructuredSparsity, so its inputs are not masked",
+            )
+        for attribute, axis in weights:
+            weight = getattr(call.layer, attribute, None)
+            if weight is None:
+                continue
+            if _size(layout) != weight.shape[axis]:
+                return self.fail(
+                    layout,
+                    name,
+                    f"kprune cannot match its channels to the weight "
+                    f"{attribute!r} of {call.what}",
+                )
+            self.slices.setdefault(name, []).append(
+                _Slice(attribute, axis, layout)
+            )
 
     @staticmethod
-    def _reason(space, name):
-        if space.reason is None:
-            return None
-        where, why = space.reason
-        others = sorted(set(space.members) - {name})
-        if not others:
-            return why
-        return (
-            f"its channels are merged element-wise with those of {others}, "
-            f"which must lose the same units, and at {where!r}: {why}"
+    def _masks(call, attributes):
+        """Whether `StructuredSparsity` masks these weights of the layer."""
+        if not call.structured:
+            return False
+        prunable = registry.get_prunable_weights(call.layer)
+        return all(
+            any(w is getattr(call.layer, name, None) for w in prunable)
+            for name in attributes
         )
 
-    def _node(self, name):
-        if name not in self.parent:
-            self.parent[name] = name
-            self.found[name] = _Space(name)
-        return self.found[self._root(name)]
+    def produce(self, call, attribute, weights, set_size):
+        """Returns the layout of `call.layer`'s outputs, units ranked by
+        the norms of its weight `attribute` along its last axis.
+
+        They form a new channel space when the layer is pruned with
+        `StructuredSparsity`; `weights`, `(attribute, axis)` pairs, then
+        lose its removed units, and `set_size(config, n)` sets `n` units
+        in the layer's config.
+        """
+        layer = call.layer
+        weight = getattr(layer, attribute, None)
+        size = _channels(call.outputs[0])
+        if (
+            not self._masks(call, [attribute])
+            or weight is None
+            or weight.shape[-1] != size
+        ):
+            return _fixed(size, repr(layer.name))
+        name = layer.name
+        self._parent[name] = name
+        self._space[name] = _Space(_Member(name, attribute), size)
+        layout = (((_Segment(name, size, None),), 1),)
+        for attribute, axis in weights:
+            if getattr(layer, attribute, None) is not None:
+                self.slices.setdefault(name, []).append(
+                    _Slice(attribute, axis, layout)
+                )
+        self.resize(name, layout, set_size)
+        return layout
+
+    def resize(self, name, layout, set_size):
+        """`set_size(config, n)` edits layer `name`'s config for `layout`
+        keeping `n` channels."""
+        self.resizes.setdefault(name, []).append((layout, set_size))
+
+    def merge(self, call, layouts):
+        """The channels of `layouts` meet element-wise in `call`: aligned
+        spaces lose the same units. Returns the merged layout."""
+        first, where = layouts[0], call.layer.name
+        if any(_sizes(layout) != _sizes(first) for layout in layouts):
+            for layout in layouts:
+                self.fail(
+                    layout,
+                    where,
+                    f"its output meets channels of other layers in "
+                    f"{call.what}, whose channels kprune cannot match",
+                )
+            return first
+        for layout in layouts[1:]:
+            for a, b in zip(_segments(first), _segments(layout)):
+                if a.space and b.space:
+                    self._union(a.space, b.space)
+        for layout in layouts:
+            for a, b in zip(_segments(first), _segments(layout)):
+                fixed = a if a.space is None else b
+                if (a.space is None) != (b.space is None):
+                    self.fail(
+                        layout if a.space is None else first,
+                        where,
+                        f"{call.what} also takes {fixed.origin}, which is "
+                        "not a Dense/Conv layer pruned with "
+                        "StructuredSparsity, so the branches cannot share "
+                        "one mask",
+                    )
+        return first
+
+    def fail(self, layout, where, why):
+        """The spaces in `layout` keep all their units, because `why`."""
+        for segment in _segments(layout):
+            if segment.space is not None:
+                space = self._space[self._root(segment.space)]
+                if space.reason is None:
+                    space.reason = (where, why)
+
+    def refuse(self, call, why, reason=None):
+        """`call.layer` keeps every channel: the spaces it reads keep their
+        units (`why`), and it is left whole (`reason`, for `structured_plan`).
+        Returns layouts of channels that stay, for its outputs."""
+        for layout in call.inputs:
+            self.fail(layout, call.layer.name, why)
+        if reason is not None and call.structured:
+            self._refused.setdefault(call.layer.name, reason)
+        return [
+            _fixed(_channels(t), repr(call.layer.name)) for t in call.outputs
+        ]
+
+    # Union-find over the names of the layers making spaces.
 
     def _root(self, name):
-        while self.parent[name] != name:
-            self.parent[name] = self.parent[self.parent[name]]
-            name = self.parent[name]
+        while self._parent[name] != name:
+            self._parent[name] = self._parent[self._parent[name]]
+            name = self._parent[name]
         return name
 
     def _union(self, a, b):
-        space_a, space_b = self._node(a), self._node(b)
         root_a, root_b = self._root(a), self._root(b)
         if root_a == root_b:
-            return False
-        self.parent[root_b] = root_a
+            return
+        space_a, space_b = self._space.pop(root_a), self._space.pop(root_b)
+        self._parent[root_b] = root_a
         space_a.members += space_b.members
-        space_a.consumers += space_b.consumers
-        space_a.per_channel += space_b.per_channel
         space_a.reason = space_a.reason or space_b.reason
-        self.found[root_a] = space_a
-        return True
+        self._space[root_a] = space_a
 
-    def _fail(self, name, reason):
-        space = self._node(name)
-        if space.reason is None:
-            space.reason = (name, reason)
+    def _finish(self):
+        for root, space in self._space.items():
+            space.key = root
+            if space.reason is None:
+                self.spaces.append(space)
+        self.key = {name: self._root(name) for name in self._parent}
+        names = [n for n in self._seen if n in self.structured]
+        names += sorted(self.structured - set(names))
+        for name in names:
+            self.reasons[name] = self._reason(name)
 
-    def _follow(self, name, tensor, repeats=1):
-        """Walks forward from `tensor`, an output in `name`'s space."""
-        if id(tensor) in self.outputs:
-            return self._fail(name, "its output is a model output")
-        users = self.readers.get(id(tensor), [])
-        if not users:
-            return self._fail(
-                name, "its output is not used by the model's top-level layers"
+    def _removable(self, layout):
+        return any(
+            segment.space is not None
+            and self._space[self.key[segment.space]].reason is None
+            for segment in _segments(layout)
+        )
+
+    def reads_removable(self, name):
+        """Whether layer `name` reads channels that some layer loses."""
+        return any(self._removable(x) for x in self._reads.get(name, ()))
+
+    def _reason(self, name):
+        if name in self._refused:
+            return self._refused[name]
+        if name in self.key:
+            space = self._space[self.key[name]]
+            if space.reason is None:
+                return None
+            where, why = space.reason
+            others = sorted({m.layer for m in space.members} - {name})
+            if not others:
+                return why
+            return (
+                f"its channels are merged element-wise with those of "
+                f"{others}, which must lose the same units, and at "
+                f"{where!r}: {why}"
             )
-        for user, n_inputs in users:
-            base = _base(user)
-            what = f"{base.name!r} ({type(base).__name__})"
-            if n_inputs != 1:
-                if not isinstance(base, _ELEMENTWISE_MERGES):
-                    return self._fail(
-                        name,
-                        f"its output meets other tensors in {what}, whose "
-                        "channels kprune cannot match",
-                    )
-                if repeats != 1:
-                    return self._fail(
-                        name, f"its output reaches {what} after a Flatten"
-                    )
-                if self._union(name, base.name):
-                    self._join_merge_inputs(base.name, user)
-                    self._follow(base.name, user.output)
-                continue
-            if _is_unit_layer(user):
-                if base.name not in self.structured:
-                    return self._fail(
-                        name,
-                        f"it feeds {what}, which is not pruned with "
-                        "StructuredSparsity, so its inputs are not masked",
-                    )
-                self._node(name).consumers.append((base.name, repeats))
-            elif isinstance(base, L.Flatten):
-                if base.data_format != "channels_last":
-                    return self._fail(
-                        name, f"it feeds {what} in channels_first order"
-                    )
-                spatial = base.input.shape[1:-1]
-                if None in spatial:
-                    return self._fail(name, f"{what} has an unknown input size")
-                self._follow(
-                    name,
-                    user.output,
-                    repeats * int(np.prod(spatial, dtype=np.int64)),
-                )
-            elif _passes_channels(user):
-                if isinstance(base, L.BatchNormalization):
-                    if repeats != 1:
-                        return self._fail(
-                            name, f"it reaches {what} after a Flatten"
-                        )
-                    self._node(name).per_channel.append(base.name)
-                self._follow(name, user.output, repeats)
-            else:
-                return self._fail(
-                    name, f"it feeds {what}, which kprune cannot rewire"
-                )
-
-    def _join_merge_inputs(self, merge, layer):
-        """Every input of an element-wise merge must come, through
-        per-channel layers, from a structured Dense/Conv or another merge
-        of the same space."""
-        for tensor in layer.input:
-            source = self.maker.get(id(tensor))
-            while source is not None and _passes_channels(source):
-                source = self.maker.get(id(source.input))
-            base = None if source is None else _base(source)
-            if source is not None and (
-                isinstance(base, _ELEMENTWISE_MERGES)
-                or (_is_unit_layer(source) and base.name in self.structured)
-            ):
-                self._union(merge, base.name)
-                continue
-            what = (
-                "a model input"
-                if source is None or isinstance(base, L.InputLayer)
-                else repr(base.name)
+        if name not in self._reads:
+            if name in self._seen:
+                return "it makes no channels and reads none"
+            return (
+                "it is not a top-level layer of the model's graph (it is "
+                "inside a nested model or layer), so its connections are "
+                "unknown"
             )
-            self._fail(
-                merge,
-                f"{merge!r} ({type(_base(layer)).__name__}) also takes "
-                f"{what}, which is not a Dense/Conv layer pruned with "
-                "StructuredSparsity, so the branches cannot share one mask",
+        if self.reads_removable(name):
+            return None
+        segments = [s for x in self._reads[name] for s in _segments(x)]
+        spaces = [s.space for s in segments if s.space is not None]
+        if not spaces:
+            origins = sorted({s.origin for s in segments})
+            return (
+                f"the channels it reads come from {', '.join(origins)}, "
+                "not from a layer pruned with StructuredSparsity"
             )
+        first = spaces[0]
+        return (
+            f"the channels it reads keep all their units ({first!r}: "
+            f"{self._reason(first)})"
+        )
 
-    def removable(self):
-        return [name for name, reason in self.reasons.items() if reason is None]
+
+_UNKNOWN_CONNECTIONS = (
+    "its connections are unknown: it is shared (called more than once) or "
+    "inside a subclassed model"
+)
+
+
+# How channels flow through each layer type. A rule is called for each
+# call of a layer in the model's graph, as `rule(plan, call)` (`call` is a
+# `_Call`, `plan` the `_Plan` being built): it tells `plan` which weights
+# of the layer follow which channels (`plan.read`), whether the layer
+# makes new channels (`plan.produce`), joins channel spaces
+# (`plan.merge`) or stops them (`plan.fail`, `plan.refuse`), and returns
+# the channel layout of each output tensor. Rules are looked up by class,
+# most-derived first; a layer type without one keeps the channels it
+# reads (`_no_rule`). Add a layer type by adding its rule here.
+_RULES = {}
+
+
+def _rule(layer):
+    for cls in type(layer).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return _no_rule
+
+
+def _no_rule(plan, call):
+    return plan.refuse(
+        call,
+        f"it feeds {call.what}, which kprune cannot rewire",
+        f"StructuredSparsity has no channel rule for "
+        f"{type(call.layer).__name__} layers, so it keeps all its units",
+    )
+
+
+def _single_input(rule):
+    """`rule(plan, call, layout)` for a layer taking one tensor, as a rule
+    of `_RULES`."""
+
+    def checked(plan, call):
+        if len(call.inputs) != 1:
+            return plan.refuse(
+                call,
+                f"its output meets other tensors in {call.what}, whose "
+                "channels kprune cannot match",
+                f"it takes {len(call.inputs)} tensors",
+            )
+        return rule(plan, call, call.inputs[0])
+
+    return checked
+
+
+def _refuse_channels_first(plan, call):
+    return plan.refuse(
+        call,
+        f"it feeds {call.what}, channels_first, which kprune cannot rewire",
+        "it is channels_first, which kprune cannot rewire",
+    )
+
+
+def _set_config(key):
+    def set_size(config, size):
+        config[key] = size
+
+    return set_size
+
+
+def _units(plan, call, attribute, weights, key):
+    """The output layouts of a layer whose units are the last axis of its
+    weight `attribute`."""
+    layout = plan.produce(call, attribute, weights, _set_config(key))
+    if _activation_name(call.layer) in _CHANNEL_MIXING_ACTIVATIONS:
+        plan.fail(layout, call.layer.name, "its softmax mixes its units")
+    return [layout]
+
+
+@_single_input
+def _dense_or_conv(plan, call, layout):
+    """A Dense or Conv layer reads its input channels with its kernel's
+    axis -2 and makes its units: kernel axis -1 and bias."""
+    layer = call.layer
+    if not _channels_last(layer):
+        return _refuse_channels_first(plan, call)
+    if getattr(layer, "groups", 1) != 1:
+        kind = f"a grouped convolution (groups={layer.groups})"
+        return plan.refuse(
+            call,
+            f"it feeds {call.what}, {kind}, which kprune cannot rewire",
+            f"it is {kind}, which kprune cannot rewire",
+        )
+    plan.read(call, layout, [("kernel", -2)])
+    key = "units" if isinstance(layer, L.Dense) else "filters"
+    return _units(plan, call, "kernel", [("kernel", -1), ("bias", -1)], key)
+
+
+def _depth_multiplier_refusal(call):
+    m = call.layer.depth_multiplier
+    return (
+        f"it feeds {call.what}, whose depth_multiplier={m} makes {m} "
+        "channels of each input channel; kprune removes channels through "
+        "depth_multiplier=1 only",
+        f"its depth_multiplier is {m}: each input channel makes {m} "
+        "channels, and kprune removes channels through depth_multiplier=1 "
+        "only",
+    )
+
+
+@_single_input
+def _depthwise(plan, call, layout):
+    """A depthwise convolution loses the channels its input loses: its
+    kernel's axis -2 and its bias."""
+    if not _channels_last(call.layer):
+        return _refuse_channels_first(plan, call)
+    if call.layer.depth_multiplier != 1:
+        return plan.refuse(call, *_depth_multiplier_refusal(call))
+    plan.read(call, layout, [("kernel", -2), ("bias", -1)], masked=False)
+    return [layout]
+
+
+@_single_input
+def _separable(plan, call, layout):
+    """A separable convolution's depthwise part loses the channels its
+    input loses; its pointwise part makes its units."""
+    layer = call.layer
+    if not _channels_last(layer):
+        return _refuse_channels_first(plan, call)
+    if layer.depth_multiplier != 1:
+        plan.fail(layout, layer.name, _depth_multiplier_refusal(call)[0])
+    else:
+        plan.read(
+            call, layout, [("depthwise_kernel", -2), ("pointwise_kernel", -2)]
+        )
+    weights = [("pointwise_kernel", -1), ("bias", -1)]
+    return _units(plan, call, "pointwise_kernel", weights, "filters")
+
+
+@_single_input
+def _batch_normalization(plan, call, layout):
+    rank = len(call.outputs[0].shape)
+    if call.layer.axis not in (-1, rank - 1):
+        return plan.refuse(
+            call,
+            f"it feeds {call.what}, which normalizes axis "
+            f"{call.layer.axis}, not the channels",
+        )
+    weights = ("gamma", "beta", "moving_mean", "moving_variance")
+    plan.read(call, layout, [(w, -1) for w in weights], masked=False)
+    return [layout]
+
+
+@_single_input
+def _per_channel(plan, call, layout):
+    """Layers without weights that act on each channel separately."""
+    if not _channels_last(call.layer):
+        return _refuse_channels_first(plan, call)
+    if _activation_name(call.layer) in _CHANNEL_MIXING_ACTIVATIONS:
+        return _no_rule(plan, call)
+    return [layout]
+
+
+@_single_input
+def _flatten(plan, call, layout):
+    """A Flatten repeats the channels once per position."""
+    if not _channels_last(call.layer):
+        return plan.refuse(
+            call, f"it feeds {call.what} in channels_first order"
+        )
+    spatial = tuple(call.input_tensors[0].shape)[1:-1]
+    if None in spatial:
+        return plan.refuse(call, f"{call.what} has an unknown input size")
+    positions = int(np.prod(spatial, dtype=np.int64))
+    if positions == 1:
+        return [layout]
+    if any(repeats != 1 for _, repeats in layout):
+        return plan.refuse(call, f"it feeds {call.what} after a Flatten")
+    return [((tuple(_segments(layout)), positions),)]
+
+
+@_single_input
+def _reshape(plan, call, layout):
+    """A Reshape that keeps the last axis only regroups positions."""
+    before = tuple(call.input_tensors[0].shape)
+    after = tuple(call.outputs[0].shape)
+    if len(before) < 2 or len(after) < 2 or before[-1] != after[-1]:
+        return plan.refuse(
+            call,
+            f"it feeds {call.what}, which moves channels off the last axis",
+        )
+
+    def set_size(config, size):
+        shape = list(config["target_shape"])
+        if shape[-1] != -1:
+            shape[-1] = size
+        config["target_shape"] = tuple(shape)
+
+    plan.resize(call.layer.name, layout, set_size)
+    return [layout]
+
+
+def _concatenate(plan, call):
+    """Along the channels, the inputs' layouts follow each other; along
+    another axis, the channels meet as in an element-wise merge."""
+    rank = len(call.outputs[0].shape)
+    if call.layer.axis % rank != rank - 1:
+        return [plan.merge(call, call.inputs)]
+    return [tuple(block for layout in call.inputs for block in layout)]
+
+
+def _elementwise(plan, call):
+    return [plan.merge(call, call.inputs)]
+
+
+_RULES.update(
+    {
+        L.Dense: _dense_or_conv,
+        L.Conv1D: _dense_or_conv,
+        L.Conv2D: _dense_or_conv,
+        L.Conv3D: _dense_or_conv,
+        L.DepthwiseConv1D: _depthwise,
+        L.DepthwiseConv2D: _depthwise,
+        L.SeparableConv1D: _separable,
+        L.SeparableConv2D: _separable,
+        L.BatchNormalization: _batch_normalization,
+        L.Flatten: _flatten,
+        L.Reshape: _reshape,
+        L.Concatenate: _concatenate,
+        **{cls: _per_channel for cls in _PER_CHANNEL},
+        **{cls: _elementwise for cls in _ELEMENTWISE_MERGES},
+    }
+)
 
 
 def _structured_names(model):
@@ -432,8 +917,10 @@ def structured_plan(model) -> dict:
             `kprune.structured.StructuredSparsity`.
 
     Returns:
-        A dict of Dense/Conv layer name to `None` when its units can be
-        removed, or to a sentence saying why they are all kept.
+        A dict of the name of each layer pruned with `StructuredSparsity`
+        to `None` when it loses units or channels (a Dense/Conv layer's
+        units, a depthwise convolution's channels), or to a sentence
+        saying why it keeps them all.
 
     Example:
 
@@ -455,11 +942,10 @@ def idle_layers(model) -> dict:
         A dict of layer name to the reason it keeps its units.
     """
     plan = _Plan(model, _structured_names(model))
-    readers = {name for space in plan.spaces for name, _ in space.consumers}
     return {
         name: reason
         for name, reason in plan.reasons.items()
-        if reason is not None and name not in readers
+        if reason is not None and not plan.reads_removable(name)
     }
 
 
@@ -480,83 +966,103 @@ class StructuredGroup(MaskGroup):
         self.norm = first.norm
         names = {w.layer.name for w in self.wrappers}
         self.plan = _Plan(model, names)
-        # Consumer name -> (space index, repeats after a Flatten).
-        self.inputs = {}
-        for index, space in enumerate(self.plan.spaces):
-            for consumer, repeats in space.consumers:
-                self.inputs[consumer] = (index, repeats)
+        # Per entry: the slices of its weight.
+        self.slices = []
+        entry_of = {}
+        for n, (wrapper, index) in enumerate(self.entries):
+            weight = wrapper.pruning_vars[index][0]
+            entry_of[wrapper.layer.name, id(weight)] = n
+            self.slices.append(
+                [
+                    s
+                    for s in self.plan.slices.get(wrapper.layer.name, ())
+                    if getattr(wrapper.layer, s.attribute, None) is weight
+                ]
+            )
+        layers = {w.layer.name: w.layer for w in self.wrappers}
+        # Per removable space: the entries whose last axis ranks its units.
+        self.scored = [
+            [
+                entry_of[m.layer, id(getattr(layers[m.layer], m.attribute))]
+                for m in space.members
+            ]
+            for space in self.plan.spaces
+        ]
 
     def compute_masks(self, weights, sparsity):
         # Units are ranked by the norms of the raw kernels; the members of
         # a space (layers added element-wise) rank them by the sum of
         # their norms and share one mask.
-        names = [wrapper.layer.name for wrapper, _ in self.entries]
-        space_masks, space_thresholds = [], []
-        for space in self.plan.spaces:
+        space_masks, thresholds = {}, [ops.zeros((), "float32")] * len(weights)
+        for space, entries in zip(self.plan.spaces, self.scored):
             total = None
-            for name in space.members:
-                weight = weights[names.index(name)]
-                values = ops.reshape(
-                    ops.cast(weight, "float32"), (-1, weight.shape[-1])
-                )
+            for n in entries:
+                values = ops.cast(weights[n], "float32")
+                values = ops.reshape(values, (-1, values.shape[-1]))
                 if self.norm == "l1":
                     scores = ops.sum(ops.abs(values), axis=0)
                 else:
                     scores = ops.sqrt(ops.sum(ops.square(values), axis=0))
                 total = scores if total is None else total + scores
-            units = total.shape[0]
             mask, threshold = masking.top_k_mask(
-                total, masking.kept_count(units, sparsity)
+                total, masking.kept_count(space.size, sparsity)
             )
-            space_masks.append(mask)
-            space_thresholds.append(threshold)
-        masks, thresholds = [], []
-        for (wrapper, _), weight in zip(self.entries, weights):
-            name = wrapper.layer.name
-            if not _is_unit_layer(wrapper) or len(weight.shape) < 2:
+            space_masks[space.key] = mask
+            for n in entries:
+                thresholds[n] = threshold
+        space_masks = {
+            name: space_masks[key]
+            for name, key in self.plan.key.items()
+            if key in space_masks
+        }
+        masks = []
+        for weight, slices in zip(weights, self.slices):
+            mask = None
+            for s in slices:
+                kept = _layout_mask(s.layout, space_masks, ops)
+                if kept is None:
+                    continue
+                shape = [1] * len(weight.shape)
+                shape[s.axis] = -1
+                kept = ops.reshape(kept, shape)
+                mask = kept if mask is None else ops.logical_and(mask, kept)
+            if mask is None:
                 masks.append(ops.ones(weight.shape, "bool"))
-                thresholds.append(ops.zeros((), "float32"))
-                continue
-            rank = len(weight.shape)
-            in_mask = ops.ones((weight.shape[-2],), "bool")
-            if name in self.inputs:
-                index, repeats = self.inputs[name]
-                in_mask = ops.tile(space_masks[index], (repeats,))
-            out_mask = ops.ones((weight.shape[-1],), "bool")
-            threshold = ops.zeros((), "float32")
-            space = self.plan.space_of.get(name)
-            if space is not None:
-                index = self.plan.spaces.index(space)
-                out_mask = space_masks[index]
-                threshold = space_thresholds[index]
-            mask = ops.logical_and(
-                ops.reshape(in_mask, [1] * (rank - 2) + [-1, 1]),
-                ops.reshape(out_mask, [1] * (rank - 1) + [-1]),
-            )
-            masks.append(ops.broadcast_to(mask, weight.shape))
-            thresholds.append(threshold)
+            else:
+                masks.append(ops.broadcast_to(mask, weight.shape))
         return masks, thresholds
 
 
-def _kept_units(wrapper):
-    mask = ops.convert_to_numpy(wrapper.pruning_vars[0][1])
-    return np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+def _space_masks(model, plan):
+    """Space name -> numpy keep-mask of its units, read from the masks."""
+    wrappers = {w.layer.name: w for w in collect_pruned_layers(model)}
+    kept = {}
+    for space in plan.spaces:
+        # The members of a space share their mask: read it from one.
+        member = space.members[0]
+        wrapper = wrappers[member.layer]
+        weight = getattr(wrapper.layer, member.attribute)
+        mask = next(m for w, m, _ in wrapper.pruning_vars if w is weight)
+        mask = ops.convert_to_numpy(mask)
+        kept[space.key] = mask.reshape(-1, mask.shape[-1]).any(axis=0)
+    return {name: kept[key] for name, key in plan.key.items() if key in kept}
 
 
 @kprune_export("kprune.structured")
 def shrink_model(model):
     """Removes the units pruned by `StructuredSparsity`: a smaller model.
 
-    Every Dense/Conv layer that `structured_plan` marks removable loses its
-    masked units (kernel columns or filters, and their biases; layers added
-    element-wise lose the same ones); the layers
-    that read them lose the matching input rows (after a Flatten, every
-    spatial position of each removed channel), and BatchNormalization
-    layers between lose those channels. The result is a plain Keras model,
-    without kprune objects, whose predictions equal the pruned model's (up
-    to float rounding). Other pruned layers are stripped as
-    `strip_pruning` does. The pruned model is unchanged; the result is not
-    compiled.
+    Every layer that `structured_plan` marks removable loses its masked
+    units (kernel columns or filters, and their biases; layers added
+    element-wise lose the same ones), and every layer the channels flow
+    through loses them too: the input rows of the next Dense/Conv layers
+    (after a `Concatenate`, the rows of each input's kept channels; after
+    a `Flatten`, every spatial position of each removed channel), the
+    channels of BatchNormalization and depthwise convolutions in between.
+    The result is a plain Keras model, without kprune objects, whose
+    predictions equal the pruned model's (up to float rounding). Other
+    pruned layers are stripped as `strip_pruning` does. The pruned model is
+    unchanged; the result is not compiled.
 
     Args:
         model: A Sequential or functional model pruned with
@@ -590,48 +1096,32 @@ def shrink_model(model):
             "shrink. Use `kprune.strip_pruning` for unstructured pruning."
         )
     plan = _Plan(model, names)
-    wrappers = {w.layer.name: w for w in collect_pruned_layers(model)}
-    out_keep, in_keep, channel_keep = {}, {}, {}
-    for space in plan.spaces:
-        # The members of a space share their mask: read it from one.
-        keep = _kept_units(wrappers[space.members[0]])
-        units = wrappers[space.members[0]].layer.kernel.shape[-1]
-        for member in space.members:
-            out_keep[member] = keep
-        for consumer, repeats in space.consumers:
-            flat = np.arange(units * repeats).reshape(repeats, units)
-            in_keep[consumer] = flat[:, keep].ravel()
-        for layer_name in space.per_channel:
-            channel_keep[layer_name] = keep
+    space_masks = _space_masks(model, plan)
+
+    def kept(layout):
+        mask = _layout_mask(layout, space_masks, np)
+        return None if mask is None else np.flatnonzero(mask)
+
     stripped = strip_pruning(model)
 
     def clone(layer):
         config = layer.get_config()
-        if layer.name in out_keep:
-            key = "units" if isinstance(layer, L.Dense) else "filters"
-            config[key] = len(out_keep[layer.name])
+        for layout, set_size in plan.resizes.get(layer.name, ()):
+            keep = kept(layout)
+            if keep is not None:
+                set_size(config, len(keep))
         return layer.__class__.from_config(config)
 
     small = keras.models.clone_model(stripped, clone_function=clone)
     for old in stripped.layers:
         if not old.weights:
             continue
-        new = small.get_layer(old.name)
         values = [ops.convert_to_numpy(w) for w in old.weights]
-        if old.name in channel_keep:
-            values = [v[..., channel_keep[old.name]] for v in values]
-        elif old.name in out_keep or old.name in in_keep:
-            kernel = ops.convert_to_numpy(old.kernel)
-            if old.name in in_keep:
-                kernel = np.take(kernel, in_keep[old.name], axis=-2)
-            if old.name in out_keep:
-                kernel = kernel[..., out_keep[old.name]]
-            new.kernel.assign(kernel)
-            if getattr(old, "bias", None) is not None:
-                bias = ops.convert_to_numpy(old.bias)
-                if old.name in out_keep:
-                    bias = bias[out_keep[old.name]]
-                new.bias.assign(bias)
-            continue
-        new.set_weights(values)
+        for s in plan.slices.get(old.name, ()):
+            keep = kept(s.layout)
+            weight = getattr(old, s.attribute)
+            for i, w in enumerate(old.weights):
+                if w is weight and keep is not None:
+                    values[i] = np.take(values[i], keep, axis=s.axis)
+        small.get_layer(old.name).set_weights(values)
     return small
