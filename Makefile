@@ -46,7 +46,7 @@ bench-latency: $(VENV)/.installed
 
 # Test accuracy at equal parameter count on Fashion-MNIST (32x32x3,
 # MobileNetV2): structured-pruned and shrunk vs unstructured vs a narrower
-# dense model, 3 seeds (issue 13; about 36 minutes on 2 busy cores;
+# dense model, 3 seeds (issue 13; 20 to 36 minutes on 2 busy cores;
 # BENCH_ARGS=--quick for a smoke run). Table: benchmarks/README.md.
 bench-equal-size: $(VENV)/.installed
 	$(PY) benchmarks/equal_size_accuracy.py $(BENCH_ARGS)

@@ -36,7 +36,7 @@ Parameters count everything `count_params()` counts (BatchNorm moving
 statistics included). Prints one JSON line per arm and seed (test
 accuracy, parameters, seconds) and appends it to `--out`.
 
-Run: `nice python benchmarks/equal_size_accuracy.py` (36 minutes on 2
+Run: `nice python benchmarks/equal_size_accuracy.py` (20 to 36 minutes on 2
 cores shared with other jobs, load average 5-10), `--quick` for a smoke
 run (512 training and 1,000 test images, 1 + 1 epochs, one seed; a few
 minutes, nearly all compiling), `--summary` to print the markdown table
