@@ -378,6 +378,8 @@ def _levers(row):
     levers = []
     if row.get("tf_threads") is not None:
         levers.append(f"TF threads {row['tf_threads']}")
+    if row.get("onednn") is False:
+        levers.append("oneDNN off")
     if row.get("jit_compile"):
         levers.append("XLA")
     return f" ({', '.join(levers)})" if levers else ""
@@ -532,6 +534,9 @@ def main(argv=None):
         import tensorflow as tf
 
         machine["tensorflow"] = tf.__version__
+        # Set before TensorFlow starts, it picks Eigen's kernels over oneDNN's.
+        if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
+            machine["onednn"] = os.environ["TF_ENABLE_ONEDNN_OPTS"] != "0"
         if args.tf_threads is not None:
             tf.config.threading.set_intra_op_parallelism_threads(
                 args.tf_threads
