@@ -195,6 +195,23 @@ def test_folds_a_sequential_model_into_a_sequential_model():
     assert_same_function(model, folded, images(8))
 
 
+def test_sequential_built_on_data_folds_for_any_batch_size():
+    model = keras.Sequential(
+        [layers.Conv2D(4, 3, name="c"), layers.BatchNormalization(name="bn")]
+    )
+    model(images(8, batch=2))
+    randomize_batch_norms(model)
+    folded = kprune.structured.fold_batchnorm(model)
+    assert batch_norms(folded) == []
+    assert_same_function(model, folded, images(8, batch=5))
+
+
+def test_refuses_a_model_without_a_graph():
+    model = keras.Sequential([layers.Dense(3), layers.BatchNormalization()])
+    with pytest.raises(ValueError, match="known inputs"):
+        kprune.structured.fold_batchnorm(model)
+
+
 def test_folded_model_saves_and_loads(tmp_path):
     model = mixed_model()
     folded = kprune.structured.fold_batchnorm(model)

@@ -1269,8 +1269,8 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
         `model` is unchanged.
 
     Raises:
-        ValueError: If `model` is not a Keras model or still holds
-            pruning wrappers.
+        ValueError: If `model` is not a Sequential or functional model
+            with known inputs, or still holds pruning wrappers.
 
     Example:
 
@@ -1291,6 +1291,12 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
             "or `kprune.structured.shrink_model(model)` first. Received: "
             f"a model with {len(collect_pruned_layers(model))} wrappers"
         )
+    if _graph(model) is None:
+        raise ValueError(
+            "Argument `model` must be a Sequential or functional model with "
+            "known inputs (call it once, or start it with `keras.Input`); a "
+            f"subclassed model has no graph to fold. Received: {model!r}"
+        )
     pairs = _fold_pairs(model)
     producers = {p.name: model.get_layer(bn) for bn, p in pairs.items()}
 
@@ -1302,10 +1308,11 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
 
     if isinstance(model, keras.Sequential):
         kept = [clone(lay) for lay in model.layers if lay.name not in pairs]
-        folded = keras.Sequential(
-            [keras.Input(batch_shape=model.inputs[0].shape)] + kept,
-            name=model.name,
-        )
+        # A Sequential built by calling it on data records that data's
+        # batch size; the folded model takes any.
+        (spec,) = model.inputs
+        inputs = keras.Input(spec.shape[1:], dtype=spec.dtype)
+        folded = keras.Sequential([inputs] + kept, name=model.name)
     else:
 
         def call(layer, *args, **kwargs):
