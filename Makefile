@@ -38,7 +38,10 @@ bench-full: $(VENV)/.installed
 
 # Dense vs structured-pruned CPU latency, Keras and LiteRT, for ResNet50,
 # MobileNetV2 and a BERT encoder (issue 13; about 6 minutes on 2 cores;
-# BENCH_ARGS=--quick for a smoke run). Table: benchmarks/README.md.
+# BENCH_ARGS=--quick for a smoke run). Keras also times both models with
+# BatchNormalization folded. Levers for both models alike:
+# BENCH_ARGS="--tf-threads 1", TF_ENABLE_ONEDNN_OPTS=0 make bench-latency.
+# Table: benchmarks/README.md.
 BENCH_ARGS ?=
 bench-latency: $(VENV)/.installed
 	KERAS_BACKEND=tensorflow $(PY) benchmarks/latency.py $(BENCH_ARGS)

@@ -39,6 +39,10 @@ def test_latency_benchmark_shrinks_times_and_summarizes(latency, tmp_path):
     assert row["parameters_shrunk"] < row["parameters_dense"]
     assert row["max_gap_shrunk_vs_masked"] < 1e-4
     assert row["ms_dense"] > 0 and row["ms_shrunk"] > 0
+    # Its one BatchNormalization folds, in both timed models alike.
+    assert row["batch_norms_folded"] == 1
+    assert row["max_gap_folded_vs_shrunk"] < 1e-4
+    assert row["ms_dense_folded"] > 0 and row["ms_shrunk_folded"] > 0
     # The output layer keeps its units, and the row says why.
     assert row["layers_left_whole"] == {"out": "its output is a model output"}
     table = latency.summary(str(out), quick=True)
