@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
+from test_structured_graphs import prune_at_once
 
 import kprune
 import testing
 from kprune import _keras_internals
 from kprune.wrapper import collect_pruned_layers
-from test_structured_graphs import prune_at_once
 
 keras_hub = pytest.importorskip("keras_hub")
 

@@ -30,10 +30,14 @@ it:
   `Minimum`, `Multiply`, and `Concatenate` along another axis) join the
   channels they align: their makers form one group, ranked by the sum of
   their norms, that loses the same units (residual blocks,
-  squeeze-and-excitation).
+  squeeze-and-excitation);
+- `MultiHeadAttention` loses whole heads, and a layer with sublayers and
+  no rule of its own (a keras-hub transformer block) is traced and its
+  graph walked with the same rules (`_structured_attention`).
 
 Channels keep all their units when they reach a model output, a layer
-without a rule (`LayerNormalization`, attention, a nested model), softmax
+without a rule (`LayerNormalization`, an embedding, a `keras.ops` call, a
+nested model), softmax
 over the units, a layer called more than once, a layer that mixes them
 but is not pruned with `StructuredSparsity` (so it cannot mask them), a
 merge with channels that cannot lose units (an identity skip from the
@@ -1035,8 +1039,11 @@ def structured_plan(model) -> dict:
     Returns:
         A dict of the name of each layer pruned with `StructuredSparsity`
         to `None` when it loses units or channels (a Dense/Conv layer's
-        units, a depthwise convolution's channels), or to a sentence
-        saying why it keeps them all.
+        units, a depthwise convolution's channels, attention heads), or to
+        a sentence saying why it keeps them all. A block whose graph is
+        traced (a keras-hub transformer block) is `None` when one of its
+        layers shrinks, and each of its layers with pruned weights has an
+        entry `"block/layer"` of its own.
 
     Example:
 
@@ -1189,6 +1196,10 @@ def shrink_model(model):
     (after a `Concatenate`, the rows of each input's kept channels; after
     a `Flatten`, every spatial position of each removed channel), the
     channels of BatchNormalization and depthwise convolutions in between.
+    A `MultiHeadAttention` loses its removed heads (`num_heads`). A traced
+    block (a keras-hub transformer block) is replaced by its graph, its
+    layers named `block_layer`, so the result is then a functional model
+    even when `model` was a keras-hub model.
     The result is a plain Keras model, without kprune objects, whose
     predictions equal the pruned model's (up to float rounding). Other
     pruned layers are stripped as `strip_pruning` does. The pruned model is
