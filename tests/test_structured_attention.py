@@ -237,3 +237,25 @@ def test_attention_keeps_at_least_one_head():
     assert small.get_layer("mha").num_heads == 1
     x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype("float32")
     assert_same_outputs(small, pruned, x)
+
+
+def test_a_block_whose_call_cannot_be_traced_keeps_its_units():
+    # GPT-2's TransformerDecoder builds its causal mask from the batch and
+    # sequence sizes, unknown on symbolic tensors.
+    keras.utils.set_random_seed(0)
+    model = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=1,
+        num_heads=HEADS,
+        hidden_dim=HIDDEN,
+        intermediate_dim=FFN,
+        max_sequence_length=LENGTH,
+    )
+    pruned = prune_at_once(model, 0.5)
+    why = kprune.structured.structured_plan(pruned)["transformer_layer_0"]
+    assert why.startswith("kprune cannot trace its call")
+    small = kprune.structured.shrink_model(pruned)
+    assert small.count_params() == model.count_params()
+    x = bert_inputs()
+    del x["segment_ids"]
+    assert_same_outputs(small, pruned, x)
