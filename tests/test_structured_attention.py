@@ -259,3 +259,43 @@ def test_a_block_whose_call_cannot_be_traced_keeps_its_units():
     x = bert_inputs()
     del x["segment_ids"]
     assert_same_outputs(small, pruned, x)
+
+
+class FeedForward(layers.Layer):
+    """A user's block: Dense -> ReLU -> Dense, added to its input."""
+
+    def __init__(self, hidden, units, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = hidden
+        self.units = units
+        self.up = layers.Dense(units, activation="relu", name="up")
+        self.down = layers.Dense(hidden, name="down")
+
+    def call(self, x):
+        return x + self.down(self.up(x))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden": self.hidden,
+            "units": self.units,
+        }
+
+
+def test_a_custom_block_is_traced_and_inlined_as_plain_keras_layers(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 6))
+    x = FeedForward(6, 10, name="block")(inputs)
+    model = keras.Model(inputs, layers.Dense(2, name="head")(x))
+    pruned = prune_at_once(model, 0.5)
+    plan = kprune.structured.structured_plan(pruned)
+    assert plan["block"] is None and plan["block/up"] is None
+    assert "keras.ops Add in 'block'" in plan["block/down"]
+    small = kprune.structured.shrink_model(pruned)
+    assert small.get_layer("block_up").units == 5
+    x = np.random.default_rng(0).normal(size=(3, 5, 6)).astype("float32")
+    assert_same_outputs(small, pruned, x)
+    # The user's class is gone: the file loads without it.
+    path = os.path.join(tmp_path, "small.keras")
+    small.save(path)
+    assert_same_outputs(keras.saving.load_model(path), small, x, 1e-6)
