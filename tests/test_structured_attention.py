@@ -193,10 +193,9 @@ def test_fit_trains_the_masks_of_heads_and_ffn_units():
     )
     assert units.any(axis=0).sum() == FFN // 2
     # The optimizer keeps the removed heads' weights at zero.
-    block = pruned.get_layer("prune_low_magnitude_transformer_layer_0").layer
-    query = keras.ops.convert_to_numpy(
-        block._self_attention_layer.query_dense.kernel
-    )
+    path = "transformer_layer_0/self_attention_layer/query/kernel"
+    (query,) = [w for w in pruned.weights if w.path == path]
+    query = keras.ops.convert_to_numpy(query)
     heads = kept_heads(pruned, "transformer_layer_0")
     assert not query[:, ~heads].any()
     small = kprune.structured.shrink_model(pruned)
