@@ -252,7 +252,10 @@ def test_a_block_whose_call_cannot_be_traced_keeps_its_units():
     )
     pruned = prune_at_once(model, 0.5)
     why = kprune.structured.structured_plan(pruned)["transformer_layer_0"]
-    assert why.startswith("kprune cannot trace its call")
+    assert why.startswith(
+        "StructuredSparsity has no channel rule for TransformerDecoder "
+        "layers, and kprune cannot trace its call"
+    )
     small = kprune.structured.shrink_model(pruned)
     assert small.count_params() == model.count_params()
     x = bert_inputs()
@@ -298,3 +301,26 @@ def test_a_custom_block_is_traced_and_inlined_as_plain_keras_layers(tmp_path):
     path = os.path.join(tmp_path, "small.keras")
     small.save(path)
     assert_same_outputs(keras.saving.load_model(path), small, x, 1e-6)
+
+
+def test_layers_that_run_their_sublayers_otherwise_are_left_whole():
+    """RNNs and TimeDistributed hold sublayers but do not call them as
+    layers: their graph cannot be followed, and the plan says so."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 6))
+    x = layers.Dense(8, name="d0")(inputs)
+    x = layers.TimeDistributed(layers.Dense(8), name="td")(x)
+    x = layers.Bidirectional(layers.GRU(4, return_sequences=True), name="bi")(x)
+    x = layers.Dense(6, name="d1")(x)
+    model = keras.Model(inputs, layers.Dense(2, name="out")(x))
+    pruned = prune_at_once(model, 0.5)
+    plan = kprune.structured.structured_plan(pruned)
+    for name, kind in (("td", "TimeDistributed"), ("bi", "Bidirectional")):
+        assert plan[name].startswith(
+            f"StructuredSparsity has no channel rule for {kind} layers"
+        ), plan[name]
+    assert "'td' (TimeDistributed)" in plan["d0"]
+    assert plan["d1"] is None
+    small = kprune.structured.shrink_model(pruned)
+    x = np.random.default_rng(0).normal(size=(2, 5, 6)).astype("float32")
+    assert_same_outputs(small, pruned, x)

@@ -140,8 +140,10 @@ def _block(plan, call):
             return plan.refuse(
                 call,
                 f"it feeds {call.what}, whose call kprune cannot trace",
-                f"kprune cannot trace its call on symbolic tensors to find "
-                f"its graph ({type(error).__name__}: {error})",
+                f"StructuredSparsity has no channel rule for "
+                f"{type(layer).__name__} layers, and kprune cannot trace its "
+                f"call on symbolic tensors to find its graph "
+                f"({type(error).__name__}: {error})",
             )
         if len(outputs) != len(call.outputs):
             return plan.refuse(
@@ -149,6 +151,27 @@ def _block(plan, call):
                 f"it feeds {call.what}, whose traced call does not match "
                 "its outputs",
                 "its traced call does not give the outputs of its call",
+            )
+        # Every pruned weight must belong to a sublayer called in the
+        # graph; a layer that runs its sublayers otherwise (a
+        # TimeDistributed's `call` of its layer's `call`) is not followed.
+        called = {
+            id(w)
+            for operation, *_ in calls
+            if isinstance(operation, L.Layer)
+            for w in _prunable_weights(operation)
+        }
+        missing = [
+            w.path for w in _prunable_weights(layer) if id(w) not in called
+        ]
+        if missing:
+            return plan.refuse(
+                call,
+                f"it feeds {call.what}, whose graph kprune cannot follow",
+                f"StructuredSparsity has no channel rule for "
+                f"{type(layer).__name__} layers, and its traced call does "
+                f"not call the sublayers holding {missing} as layers, so "
+                "kprune cannot follow their channels",
             )
         layouts = {id(t): x for t, x in zip(inputs, call.inputs)}
         plan.walk(calls, layouts, prefix=f"{call.name}/", structured=True)
