@@ -26,7 +26,9 @@ no such pair: its converter folds them into both files already.
 
 Models: keras.applications ResNet50 and MobileNetV2 (96x96x3, 1000
 classes) at 50% of channels, a keras-hub `BertBackbone` (4 layers, hidden
-256, 4 heads, FFN 1024, sequence 128, vocabulary 1000) at 50%, and `tiny`
+256, 4 heads, FFN 1024, sequence 128, vocabulary 1000) at 50% of its
+attention heads and feed-forward units (`shrink_model` inlines each
+`TransformerEncoder` as a plain functional graph), and `tiny`
 (a small residual CNN, for smoke tests). Prints one JSON line per model,
 runtime and batch, and appends them to `--out`.
 

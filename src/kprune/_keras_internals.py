@@ -7,6 +7,8 @@ it reads or writes and which Keras file defines it (Keras 3.15,
 this module is the one to fix.
 """
 
+import contextlib
+
 
 def flatten_layers(layer, include_self=False, recursive=True) -> list:
     """The layers `layer` tracks, each once, in Keras's order.
@@ -37,17 +39,85 @@ def call_count(layer) -> int:
 
 
 def calls(layer) -> list:
-    """`(input tensors, output tensors)` of each symbolic call of `layer`.
+    """`(input tensors, output tensors, args, kwargs)` of each symbolic
+    call of `layer`.
 
     The public `layer.input` and `layer.output` describe the first call
     only; each call is a `Node` in the layer's `_inbound_nodes`
     (ops/operation.py), whose `input_tensors` are the call's tensor
-    arguments, flattened, and `outputs` its outputs (ops/node.py).
+    arguments, flattened, `outputs` its outputs, and `arguments` the
+    arguments as passed (ops/node.py, ops/symbolic_arguments.py).
     """
     return [
-        (list(node.input_tensors), list(node.outputs))
+        (
+            list(node.input_tensors),
+            list(node.outputs),
+            node.arguments.args,
+            node.arguments.kwargs,
+        )
         for node in layer._inbound_nodes
     ]
+
+
+@contextlib.contextmanager
+def symbolic_calls(layer, args, kwargs):
+    """Runs `layer.call` on symbolic tensors so its sublayers' calls are
+    recorded, and forgets them afterwards.
+
+    Calling a layer on `KerasTensor`s records one `Node` for the call but
+    nothing inside it: `Layer.compute_output_spec` (layers/layer.py) runs
+    `call` on backend placeholders. Calling `layer.call` itself on fresh
+    `KerasTensor`s makes each sublayer and `keras.ops` call inside it
+    record its own `Node` (ops/node.py), which is the graph of the block.
+    Keras has no public way to undo a call: the records live in each
+    operation's `_inbound_nodes` and `_outbound_nodes`, which are cut back
+    to their length before the trace on exit, so the model is unchanged.
+
+    Args:
+        layer: A built layer.
+        args, kwargs: The arguments of a call of `layer`; each
+            `KerasTensor` in them is replaced by a fresh one of the same
+            shape and dtype.
+
+    Yields:
+        `(inputs, outputs, operations)`: the fresh input tensors (in the
+        order of the call's flattened tensor arguments), the flattened
+        outputs of `layer.call`, and the operations called between them.
+    """
+    import keras
+
+    def fresh(value):
+        if isinstance(value, keras.KerasTensor):
+            return keras.KerasTensor(value.shape, dtype=value.dtype)
+        return value
+
+    args, kwargs = keras.tree.map_structure(fresh, (tuple(args), kwargs))
+    inputs = [
+        v
+        for v in keras.tree.flatten((args, kwargs))
+        if isinstance(v, keras.KerasTensor)
+    ]
+    known = flatten_layers(layer)
+    lengths = [
+        (op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in known
+    ]
+    try:
+        outputs = keras.tree.flatten(layer.call(*args, **kwargs))
+        operations, seen, stack = [], set(), list(outputs)
+        while stack:
+            history = getattr(stack.pop(), "_keras_history", None)
+            operation = history and history.operation
+            if operation is None or id(operation) in seen:
+                continue
+            seen.add(id(operation))
+            operations.append(operation)
+            for node in operation._inbound_nodes:
+                stack.extend(node.input_tensors)
+        yield inputs, outputs, operations
+    finally:
+        for op, inbound, outbound in lengths:
+            del op._inbound_nodes[inbound:]
+            del op._outbound_nodes[outbound:]
 
 
 def copy_legacy_input_shape(source, target) -> None:

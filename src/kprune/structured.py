@@ -30,10 +30,14 @@ it:
   `Minimum`, `Multiply`, and `Concatenate` along another axis) join the
   channels they align: their makers form one group, ranked by the sum of
   their norms, that loses the same units (residual blocks,
-  squeeze-and-excitation).
+  squeeze-and-excitation);
+- `MultiHeadAttention` loses whole heads, and a layer with sublayers and
+  no rule of its own (a keras-hub transformer block) is traced and its
+  graph walked with the same rules (`_structured_attention`).
 
 Channels keep all their units when they reach a model output, a layer
-without a rule (`LayerNormalization`, attention, a nested model), softmax
+without a rule (`LayerNormalization`, an embedding, a `keras.ops` call, a
+nested model), softmax
 over the units, a layer called more than once, a layer that mixes them
 but is not pruned with `StructuredSparsity` (so it cannot mask them), a
 merge with channels that cannot lose units (an identity skip from the
@@ -199,13 +203,6 @@ def _activation_name(layer):
     return getattr(activation, "__name__", str(activation))
 
 
-def _what(layer):
-    kind = type(layer).__name__
-    if not isinstance(layer, L.Layer):
-        kind = f"keras.ops {kind}"
-    return f"{layer.name!r} ({kind})"
-
-
 def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
@@ -278,7 +275,22 @@ def _layout_mask(layout, space_masks, xp):
 _Slice = collections.namedtuple("_Slice", ["attribute", "axis", "layout"])
 # A layer whose units make a channel space, ranked by the norms of its
 # weight `attribute` along the last axis.
-_Member = collections.namedtuple("_Member", ["layer", "attribute"])
+# `axis` of the weight runs along the units (the last, for a Dense kernel;
+# the heads axis of an attention projection).
+_Member = collections.namedtuple(
+    "_Member", ["layer", "attribute", "axis"], defaults=(-1,)
+)
+
+
+def _weight(layer, attribute):
+    """The weight `attribute` of `layer`, a dotted path through its
+    sublayers (`"query_dense.kernel"`), or None."""
+    value = layer
+    for part in attribute.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 class _Space:
@@ -306,26 +318,46 @@ class _Call:
             (in the group being planned), so its weights can be masked.
     """
 
-    def __init__(self, layer, inputs, input_tensors, outputs, structured):
+    def __init__(
+        self,
+        layer,
+        inputs,
+        input_tensors,
+        outputs,
+        structured,
+        name=None,
+        arguments=((), {}),
+    ):
         self.layer = layer
         self.inputs = inputs
         self.input_tensors = input_tensors
         self.outputs = outputs
         self.structured = structured
+        # The layer's name in the plan: inside a block traced by
+        # `_structured_attention`, `"block/layer"`.
+        self.name = layer.name if name is None else name
+        # `(args, kwargs)` of the call, tensors included.
+        self.arguments = arguments
 
     @property
     def what(self):
-        return _what(self.layer)
+        kind = type(self.layer).__name__
+        if isinstance(self.layer, L.Layer):
+            return f"{self.name!r} ({kind})"
+        block, _, _ = self.name.rpartition("/")
+        if block:
+            # A `keras.ops` call traced inside a block is named anew by
+            # each trace: name the block instead.
+            return f"a keras.ops {kind} in {block!r}"
+        return f"{self.name!r} (keras.ops {kind})"
 
 
 def _graph(model):
     """The calls of `model`'s layers from its inputs to its outputs.
 
     Returns:
-        `(inputs, calls, outputs)` with `calls` a list of `(layer, input
-        tensors, output tensors, shared)` in which each call comes after
-        the calls making its inputs, or None when the model has no graph
-        (a subclassed model).
+        `(inputs, calls, outputs)` as `sorted_calls` gives them, or None
+        when the model has no graph (a subclassed model).
     """
     try:
         inputs = list(model.inputs or [])
@@ -334,15 +366,29 @@ def _graph(model):
         return None
     if not inputs or not outputs:
         return None
-    maker, order = {}, []
     # A functional model's operations include the `keras.ops` called on
     # its tensors (`a + b`), which are not layers.
     operations = getattr(model, "operations", None) or model.layers
+    return inputs, sorted_calls(outputs, operations), outputs
+
+
+def sorted_calls(outputs, operations):
+    """The calls of `operations` that `outputs` depend on, in order.
+
+    Returns:
+        A list of `(layer, input tensors, output tensors, shared,
+        (args, kwargs))` in which each call comes after the calls making
+        its inputs; `shared` says whether the layer is called more than
+        once.
+    """
+    maker, order = {}, []
     for layer in operations:
         if isinstance(layer, L.InputLayer):
             continue
-        for call_inputs, call_outputs in _keras_internals.calls(layer):
-            call = (layer, call_inputs, call_outputs)
+        for call_inputs, call_outputs, *arguments in _keras_internals.calls(
+            layer
+        ):
+            call = (layer, call_inputs, call_outputs, tuple(arguments))
             order.append(call)
             for tensor in call_outputs:
                 maker[id(tensor)] = call
@@ -363,19 +409,18 @@ def _graph(model):
             readers.setdefault(tensor_id, []).append(call)
     ready = collections.deque(c for c in order if not waiting[id(c)])
     calls_per_layer = collections.Counter(id(call[0]) for call in order)
-    sorted_calls = []
+    ordered = []
     while ready:
         call = ready.popleft()
-        layer, call_inputs, call_outputs = call
-        sorted_calls.append(
-            (layer, call_inputs, call_outputs, calls_per_layer[id(layer)] > 1)
-        )
+        layer, call_inputs, call_outputs, arguments = call
+        shared = calls_per_layer[id(layer)] > 1
+        ordered.append((layer, call_inputs, call_outputs, shared, arguments))
         for tensor_id in {id(t) for t in call_outputs}:
             for reader in readers.get(tensor_id, []):
                 waiting[id(reader)] -= 1
                 if not waiting[id(reader)]:
                     ready.append(reader)
-    return inputs, sorted_calls, outputs
+    return ordered
 
 
 class _Plan:
@@ -400,6 +445,10 @@ class _Plan:
             channels.
         resizes: Layer name -> `(layout, set_size)` pairs: `set_size(config,
             n)` edits its config for `layout` keeping `n` channels.
+        layers: Layer name -> the layer (a layer inside a block traced by
+            `_structured_attention` is named `"block/layer"`).
+        blocks: Name of each block whose graph was traced and walked ->
+            the names of its layers with prunable weights.
     """
 
     def __init__(self, model, structured_names):
@@ -414,6 +463,9 @@ class _Plan:
         self._refused = {}
         self._reads = {}
         self._seen = {}
+        self._maker = {}
+        self.layers = {}
+        self.blocks = {}
         graph = None
         if isinstance(model, keras.Model):
             graph = _graph(model)
@@ -423,9 +475,31 @@ class _Plan:
             return
         inputs, calls, outputs = graph
         layouts = {id(t): _fixed(_channels(t), "a model input") for t in inputs}
-        maker = {}
-        for layer, call_inputs, call_outputs, shared in calls:
+        self.walk(calls, layouts)
+        for tensor in outputs:
+            self.fail(
+                layouts.get(id(tensor), ()),
+                self._maker.get(id(tensor)),
+                "its output is a model output",
+            )
+        self._finish()
+
+    def walk(self, calls, layouts, prefix="", structured=None):
+        """Applies the rule of each call in `calls` (`sorted_calls`).
+
+        Args:
+            calls: The calls, in order.
+            layouts: `id(tensor)` -> its layout, for the tensors the calls
+                read from outside; the layouts of their outputs are added.
+            prefix: Put before each layer's name (`"block/"` inside a
+                block).
+            structured: Whether the layers are pruned with
+                `StructuredSparsity` (inside a block: the block's); None
+                looks each layer up.
+        """
+        for layer, call_inputs, call_outputs, shared, arguments in calls:
             base = _base(layer)
+            name = prefix + base.name
             call = _Call(
                 base,
                 [
@@ -434,9 +508,14 @@ class _Plan:
                 ],
                 call_inputs,
                 call_outputs,
-                base.name in self.structured,
+                base.name in self.structured
+                if structured is None
+                else structured,
+                name=name,
+                arguments=arguments,
             )
-            self._seen.setdefault(base.name)
+            self._seen.setdefault(name)
+            self.layers[name] = base
             if shared:
                 results = self.refuse(
                     call,
@@ -447,14 +526,7 @@ class _Plan:
                 results = _rule(base)(self, call)
             for tensor, layout in zip(call_outputs, results):
                 layouts[id(tensor)] = layout
-                maker[id(tensor)] = base.name
-        for tensor in outputs:
-            self.fail(
-                layouts.get(id(tensor), ()),
-                maker.get(id(tensor)),
-                "its output is a model output",
-            )
-        self._finish()
+                self._maker[id(tensor)] = name
 
     # What rules call.
 
@@ -470,7 +542,7 @@ class _Plan:
                 weights (a BatchNormalization's, a depthwise kernel) are
                 only sliced by `shrink_model`, and masked when pruned.
         """
-        name = call.layer.name
+        name = call.name
         self._reads.setdefault(name, []).append(layout)
         if not any(segment.space for segment in _segments(layout)):
             return
@@ -482,7 +554,7 @@ class _Plan:
                 "StructuredSparsity, so its inputs are not masked",
             )
         for attribute, axis in weights:
-            weight = getattr(call.layer, attribute, None)
+            weight = _weight(call.layer, attribute)
             if weight is None:
                 continue
             if _size(layout) != weight.shape[axis]:
@@ -503,7 +575,7 @@ class _Plan:
             return False
         prunable = registry.get_prunable_weights(call.layer)
         return all(
-            any(w is getattr(call.layer, name, None) for w in prunable)
+            any(w is _weight(call.layer, name) for w in prunable)
             for name in attributes
         )
 
@@ -517,25 +589,60 @@ class _Plan:
         in the layer's config.
         """
         layer = call.layer
-        weight = getattr(layer, attribute, None)
+        weight = _weight(layer, attribute)
         size = _channels(call.outputs[0])
         if (
             not self._masks(call, [attribute])
             or weight is None
             or weight.shape[-1] != size
         ):
-            return _fixed(size, repr(layer.name))
-        name = layer.name
+            return _fixed(size, repr(call.name))
+        name = call.name
         self._parent[name] = name
         self._space[name] = _Space(_Member(name, attribute), size)
         layout = (((_Segment(name, size, None),), 1),)
         for attribute, axis in weights:
-            if getattr(layer, attribute, None) is not None:
+            if _weight(layer, attribute) is not None:
                 self.slices.setdefault(name, []).append(
                     _Slice(attribute, axis, layout)
                 )
         self.resize(name, layout, set_size)
         return layout
+
+    def inner_units(self, call, size, members, weights, set_size):
+        """`call.layer` makes `size` units that only its own weights read
+        (attention heads): they lose units when the layer is pruned with
+        `StructuredSparsity`.
+
+        Args:
+            size: The number of units.
+            members: `(attribute, axis)` of each weight whose norms along
+                the units rank them together (their sum).
+            weights: `(attribute, axis)` of each weight that loses the
+                removed units; the pruned ones are masked.
+            set_size: `set_size(config, n)` sets `n` units in the layer's
+                config.
+
+        Returns:
+            Whether the units can be removed.
+        """
+        attributes = [a for a, _ in members]
+        if not self._masks(call, attributes):
+            return False
+        name = call.name
+        self._parent[name] = name
+        first, *others = [_Member(name, a, axis) for a, axis in members]
+        space = _Space(first, size)
+        space.members += others
+        self._space[name] = space
+        layout = (((_Segment(name, size, None),), 1),)
+        for attribute, axis in weights:
+            if _weight(call.layer, attribute) is not None:
+                self.slices.setdefault(name, []).append(
+                    _Slice(attribute, axis, layout)
+                )
+        self.resize(name, layout, set_size)
+        return True
 
     def resize(self, name, layout, set_size):
         """`set_size(config, n)` edits layer `name`'s config for `layout`
@@ -545,7 +652,7 @@ class _Plan:
     def merge(self, call, layouts):
         """The channels of `layouts` meet element-wise in `call`: aligned
         spaces lose the same units. Returns the merged layout."""
-        first, where = layouts[0], call.layer.name
+        first, where = layouts[0], call.name
         if any(_sizes(layout) != _sizes(first) for layout in layouts):
             for layout in layouts:
                 self.fail(
@@ -586,12 +693,10 @@ class _Plan:
         units (`why`), and it is left whole (`reason`, for `structured_plan`).
         Returns layouts of channels that stay, for its outputs."""
         for layout in call.inputs:
-            self.fail(layout, call.layer.name, why)
+            self.fail(layout, call.name, why)
         if reason is not None and call.structured:
-            self._refused.setdefault(call.layer.name, reason)
-        return [
-            _fixed(_channels(t), repr(call.layer.name)) for t in call.outputs
-        ]
+            self._refused.setdefault(call.name, reason)
+        return [_fixed(_channels(t), repr(call.name)) for t in call.outputs]
 
     # Union-find over the names of the layers making spaces.
 
@@ -621,6 +726,8 @@ class _Plan:
         names += sorted(self.structured - set(names))
         for name in names:
             self.reasons[name] = self._reason(name)
+            for inner in self.blocks.get(name, ()):
+                self.reasons[inner] = self._reason(inner)
 
     def _removable(self, layout):
         return any(
@@ -636,6 +743,13 @@ class _Plan:
     def _reason(self, name):
         if name in self._refused:
             return self._refused[name]
+        if name in self.blocks:
+            inner = {n: self._reason(n) for n in self.blocks[name]}
+            if not inner or any(why is None for why in inner.values()):
+                return None if inner else "it has no layer to prune"
+            return "none of its layers loses units: " + "; ".join(
+                f"{n!r}: {why}" for n, why in inner.items()
+            )
         if name in self.key:
             space = self._space[self.key[name]]
             if space.reason is None:
@@ -745,7 +859,7 @@ def _units(plan, call, attribute, weights, key):
     weight `attribute`."""
     layout = plan.produce(call, attribute, weights, _set_config(key))
     if _activation_name(call.layer) in _CHANNEL_MIXING_ACTIVATIONS:
-        plan.fail(layout, call.layer.name, "its softmax mixes its units")
+        plan.fail(layout, call.name, "its softmax mixes its units")
     return [layout]
 
 
@@ -800,7 +914,7 @@ def _separable(plan, call, layout):
     if not _channels_last(layer):
         return _refuse_channels_first(plan, call)
     if layer.depth_multiplier != 1:
-        plan.fail(layout, layer.name, _depth_multiplier_refusal(call)[0])
+        plan.fail(layout, call.name, _depth_multiplier_refusal(call)[0])
     else:
         plan.read(
             call, layout, [("depthwise_kernel", -2), ("pointwise_kernel", -2)]
@@ -868,7 +982,7 @@ def _reshape(plan, call, layout):
             shape[-1] = size
         config["target_shape"] = tuple(shape)
 
-    plan.resize(call.layer.name, layout, set_size)
+    plan.resize(call.name, layout, set_size)
     return [layout]
 
 
@@ -904,6 +1018,12 @@ _RULES.update(
     }
 )
 
+# Attention heads and blocks with sublayers (keras-hub transformer blocks):
+# their own module, whose rules use the `_Plan` above.
+from kprune import _structured_attention  # noqa: E402
+
+_RULES.update(_structured_attention.RULES)
+
 
 def _structured_names(model):
     return {
@@ -924,8 +1044,11 @@ def structured_plan(model) -> dict:
     Returns:
         A dict of the name of each layer pruned with `StructuredSparsity`
         to `None` when it loses units or channels (a Dense/Conv layer's
-        units, a depthwise convolution's channels), or to a sentence
-        saying why it keeps them all.
+        units, a depthwise convolution's channels, attention heads), or to
+        a sentence saying why it keeps them all. A block whose graph is
+        traced (a keras-hub transformer block) is `None` when one of its
+        layers shrinks, and each of its layers with pruned weights has an
+        entry `"block/layer"` of its own.
 
     Example:
 
@@ -950,7 +1073,9 @@ def idle_layers(model) -> dict:
     return {
         name: reason
         for name, reason in plan.reasons.items()
-        if reason is not None and not plan.reads_removable(name)
+        if name in plan.structured
+        and reason is not None
+        and not plan.reads_removable(name)
     }
 
 
@@ -971,24 +1096,30 @@ class StructuredGroup(MaskGroup):
         self.norm = first.norm
         names = {w.layer.name for w in self.wrappers}
         self.plan = _Plan(model, names)
+        # The layers inside a wrapped block (`self.plan.blocks`: attention
+        # heads, feed-forward units) are masked through the block's
+        # wrapper, whose pruned weights are theirs.
+        entry_of = {
+            id(wrapper.pruning_vars[index][0]): n
+            for n, (wrapper, index) in enumerate(self.entries)
+        }
         # Per entry: the slices of its weight.
-        self.slices = []
-        entry_of = {}
-        for n, (wrapper, index) in enumerate(self.entries):
-            weight = wrapper.pruning_vars[index][0]
-            entry_of[wrapper.layer.name, id(weight)] = n
-            self.slices.append(
-                [
-                    s
-                    for s in self.plan.slices.get(wrapper.layer.name, ())
-                    if getattr(wrapper.layer, s.attribute, None) is weight
-                ]
-            )
-        layers = {w.layer.name: w.layer for w in self.wrappers}
-        # Per removable space: the entries whose last axis ranks its units.
+        self.slices = [[] for _ in self.entries]
+        for name, slices in self.plan.slices.items():
+            for s in slices:
+                weight = _weight(self.plan.layers[name], s.attribute)
+                if id(weight) in entry_of:
+                    self.slices[entry_of[id(weight)]].append(s)
+        # Per removable space: `(entry, axis)` of the weights whose norms
+        # along `axis` rank its units.
         self.scored = [
             [
-                entry_of[m.layer, id(getattr(layers[m.layer], m.attribute))]
+                (
+                    entry_of[
+                        id(_weight(self.plan.layers[m.layer], m.attribute))
+                    ],
+                    m.axis,
+                )
                 for m in space.members
             ]
             for space in self.plan.spaces
@@ -1001,8 +1132,10 @@ class StructuredGroup(MaskGroup):
         space_masks, thresholds = {}, [ops.zeros((), "float32")] * len(weights)
         for space, entries in zip(self.plan.spaces, self.scored):
             total = None
-            for n in entries:
+            for n, axis in entries:
                 values = ops.cast(weights[n], "float32")
+                if axis % len(values.shape) != len(values.shape) - 1:
+                    values = ops.moveaxis(values, axis, -1)
                 values = ops.reshape(values, (-1, values.shape[-1]))
                 if self.norm == "l1":
                     scores = ops.sum(ops.abs(values), axis=0)
@@ -1013,7 +1146,7 @@ class StructuredGroup(MaskGroup):
                 total, masking.kept_count(space.size, sparsity)
             )
             space_masks[space.key] = mask
-            for n in entries:
+            for n, _ in entries:
                 thresholds[n] = threshold
         space_masks = {
             name: space_masks[key]
@@ -1040,15 +1173,19 @@ class StructuredGroup(MaskGroup):
 
 def _space_masks(model, plan):
     """Space name -> numpy keep-mask of its units, read from the masks."""
-    wrappers = {w.layer.name: w for w in collect_pruned_layers(model)}
+    masks = {
+        id(weight): mask
+        for wrapper in collect_pruned_layers(model)
+        for weight, mask, _ in wrapper.pruning_vars
+    }
     kept = {}
     for space in plan.spaces:
         # The members of a space share their mask: read it from one.
         member = space.members[0]
-        wrapper = wrappers[member.layer]
-        weight = getattr(wrapper.layer, member.attribute)
-        mask = next(m for w, m, _ in wrapper.pruning_vars if w is weight)
-        mask = ops.convert_to_numpy(mask)
+        weight = _weight(plan.layers[member.layer], member.attribute)
+        mask = np.moveaxis(
+            ops.convert_to_numpy(masks[id(weight)]), member.axis, -1
+        )
         kept[space.key] = mask.reshape(-1, mask.shape[-1]).any(axis=0)
     return {name: kept[key] for name, key in plan.key.items() if key in kept}
 
@@ -1064,6 +1201,10 @@ def shrink_model(model):
     (after a `Concatenate`, the rows of each input's kept channels; after
     a `Flatten`, every spatial position of each removed channel), the
     channels of BatchNormalization and depthwise convolutions in between.
+    A `MultiHeadAttention` loses its removed heads (`num_heads`). A traced
+    block (a keras-hub transformer block) is replaced by its graph, its
+    layers named `block_layer`, so the result is then a functional model
+    even when `model` was a keras-hub model.
     The result is a plain Keras model, without kprune objects, whose
     predictions equal the pruned model's (up to float rounding). Other
     pruned layers are stripped as `strip_pruning` does. The pruned model is
@@ -1108,6 +1249,10 @@ def shrink_model(model):
         return None if mask is None else np.flatnonzero(mask)
 
     stripped = strip_pruning(model)
+    if plan.blocks:
+        from kprune import _structured_attention
+
+        return _structured_attention.rebuild(stripped, plan, kept)
 
     def clone(layer):
         config = layer.get_config()
@@ -1124,7 +1269,7 @@ def shrink_model(model):
         values = [ops.convert_to_numpy(w) for w in old.weights]
         for s in plan.slices.get(old.name, ()):
             keep = kept(s.layout)
-            weight = getattr(old, s.attribute)
+            weight = _weight(old, s.attribute)
             for i, w in enumerate(old.weights):
                 if w is weight and keep is not None:
                     values[i] = np.take(values[i], keep, axis=s.axis)
@@ -1171,14 +1316,14 @@ def _fold_pairs(model):
     _, calls, outputs = graph
     readers = collections.Counter(id(t) for t in outputs)
     maker = {}
-    for layer, call_inputs, call_outputs, shared in calls:
+    for layer, call_inputs, call_outputs, shared, _ in calls:
         for tensor_id in {id(t) for t in call_inputs}:
             readers[tensor_id] += 1
         for tensor in call_outputs:
             maker[id(tensor)] = (layer, call_outputs, shared)
     weights = dict(_FOLDS_INTO)
     pairs = {}
-    for layer, call_inputs, _, shared in calls:
+    for layer, call_inputs, _, shared, _ in calls:
         if shared or _keras_class(layer, [L.BatchNormalization]) is None:
             continue
         if len(call_inputs) != 1 or id(call_inputs[0]) not in maker:
