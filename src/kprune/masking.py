@@ -74,6 +74,9 @@ def _digit_widths(total_bits, size):
     return [base + 1] * extra + [base] * (passes - extra)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _locate(counts, rank):
     """The bucket holding the `rank`-th largest key, from bucket counts.
 
@@ -112,9 +115,6 @@ def _locate(counts, rank):
     above = ops.max(ops.where(above_it, at_or_above, 0))
     from_it = ops.min(ops.where(above_it, _INT32_MAX, at_or_above))
     return bucket, above, from_it - above
-
-
-_INT32_MAX = 2**31 - 1
 
 
 # A tensor of more entries than this is read in chunks of this many, so
