@@ -3,7 +3,7 @@
 `masking.top_k_mask` finds the threshold by a radix select on the float32
 bit patterns, not by a sort; these tests pin it to NumPy sorting on random,
 tied, tiny, special-valued and larger tensors, on both digit widths (11-bit
-digits below 2^16 entries, 16-bit from there) and on the tie path.
+digits below 2^18 entries, 16-bit from there) and on the tie path.
 """
 
 import numpy as np
@@ -30,7 +30,7 @@ def assert_matches_reference(weights, sparsity):
     assert float(threshold) == np.abs(weights)[expected].min()
 
 
-SIZES = [1, 2, 3, 7, 100, 2049, 65535, 65536, 200_003]
+SIZES = [1, 2, 3, 7, 100, 2049, 65536, 200_003, 2**18 - 1, 2**18 + 3]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -42,7 +42,7 @@ def test_random_weights_match_sorting_reference(size, sparsity):
     assert_matches_reference(weights, sparsity)
 
 
-@pytest.mark.parametrize("size", [5, 1000, 70_001])
+@pytest.mark.parametrize("size", [5, 1000, 70_001, 2**18 + 5])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.99, "1-1/n"])
 def test_heavily_tied_weights_keep_lower_indices_first(size, sparsity):
     # Four distinct magnitudes: the threshold value is shared by thousands
@@ -98,11 +98,13 @@ def test_select_kth_largest_finds_key_rank_and_ties(total_bits):
         assert int(ties) == np.count_nonzero(keys == expected)
 
 
-@pytest.mark.parametrize("total_bits,size", [(31, 10), (31, 2**16), (17, 9)])
+@pytest.mark.parametrize(
+    "total_bits,size", [(31, 10), (31, 2**16), (31, 2**18), (17, 9)]
+)
 def test_digit_widths_cover_the_key_in_at_most_three_passes(total_bits, size):
     widths = masking._digit_widths(total_bits, size)
     assert sum(widths) == total_bits
-    assert max(widths) <= (16 if size >= 2**16 else 11)
+    assert max(widths) <= (16 if size >= masking._WIDE_DIGITS_FROM else 11)
     assert len(widths) <= 3
 
 
@@ -136,7 +138,7 @@ def test_tie_path_is_identical_under_xla(size):
             assert float(threshold) == np.abs(weights)[expected].min()
 
 
-@pytest.mark.parametrize("size", [4000, 4096, 10_007])
+@pytest.mark.parametrize("size", [1500, 4000, 4096, 10_007])
 @pytest.mark.parametrize("kind", ["random", "tied", "equal"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.7, "1-1/n"])
 def test_chunked_reads_give_the_same_masks(monkeypatch, size, kind, sparsity):

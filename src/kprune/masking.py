@@ -56,21 +56,34 @@ def _histogram(digits, length):
     )
 
 
+# Tensors of this many entries or more take 16-bit radix digits.
+_WIDE_DIGITS_FROM = 2**18
+
+
 def _digit_widths(total_bits, size):
     """Radix digit widths, most significant first, for `total_bits` keys.
 
-    Tensors of 2^16 entries or more take 16-bit digits (2 passes over
-    float32 bits); smaller ones 11-bit digits (3 passes), where 64k-bucket
-    histograms would cost more than the extra pass.
+    Tensors of `_WIDE_DIGITS_FROM` entries or more take 16-bit digits (2
+    passes over float32 bits); smaller ones 11-bit digits (3 passes),
+    where 64k-bucket histograms cost more than the extra pass (measured
+    on TensorFlow's CPU histogram, benchmarks/README.md).
     """
-    max_bits = 16 if size >= 2**16 else 11
+    max_bits = 16 if size >= _WIDE_DIGITS_FROM else 11
     passes = max(1, math.ceil(total_bits / max_bits))
     base, extra = divmod(total_bits, passes)
     return [base + 1] * extra + [base] * (passes - extra)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _locate(counts, rank):
     """The bucket holding the `rank`-th largest key, from bucket counts.
+
+    Written without gathers: a gather of a computed index takes several
+    graph operations on TensorFlow (negative-index handling), and every
+    operation of the training step's graph costs memory for as long as
+    the step function lives.
 
     Args:
         counts: 1-D int32 tensor, the count of keys in each bucket (buckets
@@ -78,8 +91,8 @@ def _locate(counts, rank):
         rank: Scalar int32 tensor, `1 <= rank <= sum(counts)`.
 
     Returns:
-        A tuple `(bucket, above)`: the bucket index and the count of keys in
-        the buckets after it.
+        A tuple `(bucket, above, count)`: the bucket index, the count of
+        keys in the buckets after it, and the count in the bucket.
     """
     length = counts.shape[0]
     if length > 4096:
@@ -87,14 +100,21 @@ def _locate(counts, rank):
         # over 64k buckets would cost as much as a pass over the keys.
         width = 1 << (length.bit_length() // 2)
         grid = ops.reshape(counts, (length // width, width))
-        row, above_row = _locate(ops.sum(grid, axis=1), rank)
-        column, above_column = _locate(
-            ops.take(grid, row, axis=0), rank - above_row
-        )
-        return row * width + column, above_row + above_column
-    at_or_above = ops.flip(ops.cumsum(ops.flip(counts, 0)), 0)
-    bucket = ops.sum(ops.cast(at_or_above >= rank, "int32")) - 1
-    return bucket, ops.take(at_or_above, bucket) - ops.take(counts, bucket)
+        row, above_row, _ = _locate(ops.sum(grid, axis=1), rank)
+        row_counts = ops.reshape(ops.slice(grid, (row, 0), (1, width)), [-1])
+        column, above_column, count = _locate(row_counts, rank - above_row)
+        return row * width + column, above_row + above_column, count
+    # Counts from the top bucket down: `at_or_above[j]` counts the keys in
+    # bucket `length - 1 - j` and above. It does not decrease, so the
+    # buckets above the one sought are those where it is below `rank`; the
+    # largest of those sums is the count above it, and the smallest of the
+    # others the count from it up.
+    at_or_above = ops.cumsum(ops.flip(counts, 0), axis=0)
+    above_it = at_or_above < rank
+    bucket = length - 1 - ops.sum(ops.cast(above_it, "int32"))
+    above = ops.max(ops.where(above_it, at_or_above, 0))
+    from_it = ops.min(ops.where(above_it, _INT32_MAX, at_or_above))
+    return bucket, above, from_it - above
 
 
 # A tensor of more entries than this is read in chunks of this many, so
@@ -122,17 +142,19 @@ def _loop(count, body, init):
 
 def _fold_chunks(values, fn, init):
     """Folds `fn(accumulator, chunk, start)` over the chunks of 1-D
-    `values`, in order; `start` is the chunk's first index."""
+    `values`, in order, from `init()`; `start` is the chunk's first index.
+    A tensor of one chunk is folded from `None` (`init` is not called, so
+    the graph holds no unused initial value)."""
     size = values.shape[0]
     full, rest = divmod(size, _CHUNK)
     if full <= 1:
-        return fn(init, values, 0)
+        return fn(None, values, 0)
 
     def body(i, accumulator):
         start = i * _CHUNK
         return fn(accumulator, ops.slice(values, (start,), (_CHUNK,)), start)
 
-    accumulator = _loop(full, body, init)
+    accumulator = _loop(full, body, init())
     if rest:
         accumulator = fn(accumulator, values[full * _CHUNK :], full * _CHUNK)
     return accumulator
@@ -144,8 +166,8 @@ def _keys(scores):
 
 
 def _count_digits(counts, chunk, start, keys_of, shift, base, buckets):
-    """Adds to `counts` the histogram of one radix digit of a chunk's keys
-    (`_select_kth_largest`)."""
+    """Adds to `counts` (or to nothing, when `None`) the histogram of one
+    radix digit of a chunk's keys (`_select_kth_largest`)."""
     digits = keys_of(chunk)
     if shift:
         digits = ops.right_shift(digits, shift)
@@ -154,7 +176,8 @@ def _count_digits(counts, chunk, start, keys_of, shift, base, buckets):
         # the others differ in a higher bit, so they land at >= buckets,
         # which the histogram leaves out.
         digits = ops.bitwise_xor(digits, base)
-    return counts + ops.cast(_histogram(digits, buckets), "int32")
+    histogram = ops.cast(_histogram(digits, buckets), "int32")
+    return histogram if counts is None else counts + histogram
 
 
 def _select_kth_largest(values, keys_of, k, total_bits=31):
@@ -178,7 +201,7 @@ def _select_kth_largest(values, keys_of, k, total_bits=31):
         that key (`k` minus the count of larger keys), and the count of
         entries with that key.
     """
-    prefix = ops.zeros((), "int32")
+    prefix = None
     rank = ops.cast(k, "int32")
     shift = total_bits
     for index, width in enumerate(_digit_widths(total_bits, values.shape[0])):
@@ -194,20 +217,23 @@ def _select_kth_largest(values, keys_of, k, total_bits=31):
                 base=prefix * buckets if index else None,
                 buckets=buckets,
             ),
-            ops.zeros((buckets,), "int32"),
+            functools.partial(ops.zeros, (buckets,), "int32"),
         )
-        digit, above = _locate(counts, rank)
+        digit, above, ties = _locate(counts, rank)
         rank = rank - above
-        prefix = prefix * buckets + digit
-    return prefix, rank, ops.take(counts, digit)
+        prefix = prefix * buckets + digit if index else digit
+    return prefix, rank, ties
 
 
 def _last_kept_tie(values, keys_of, key, rank):
     """The index of the `rank`-th entry (in index order) whose key is
     `key`, found chunk by chunk."""
 
+    def initial():
+        return ops.cast(rank, "int32"), ops.zeros((), "int32")
+
     def find(state, chunk, start):
-        remaining, found = state
+        remaining, found = state or initial()
         tied = ops.cast(ops.equal(keys_of(chunk), key), "int32")
         seen = ops.cumsum(tied)
         here = ops.logical_and(remaining > 0, remaining <= seen[-1])
@@ -215,8 +241,7 @@ def _last_kept_tie(values, keys_of, key, rank):
         found = ops.where(here, start + ops.cast(position, "int32"), found)
         return remaining - seen[-1], found
 
-    state = (ops.cast(rank, "int32"), ops.zeros((), "int32"))
-    return _fold_chunks(values, find, state)[1]
+    return _fold_chunks(values, find, initial)[1]
 
 
 def _prefix_mask(size, last):
@@ -266,10 +291,13 @@ def _top_k(values, score, compare, k):
     def keep_lowest_ties():
         above = compare(values, bound, "above")
         tied = compare(values, bound, "equal")
-        last = _last_kept_tie(values, keys_of, key, rank)
-        return ops.logical_or(
-            above, ops.logical_and(tied, _prefix_mask(size, last))
-        )
+        if size <= _CHUNK:
+            # Keys of this size are held already: so can the running count.
+            kept = ops.cumsum(ops.cast(tied, "int32")) <= rank
+        else:
+            last = _last_kept_tie(values, keys_of, key, rank)
+            kept = _prefix_mask(size, last)
+        return ops.logical_or(above, ops.logical_and(tied, kept))
 
     keep = ops.cond(ops.equal(rank, ties), keep_all_ties, keep_lowest_ties)
     return keep, ops.view(key, "float32")
