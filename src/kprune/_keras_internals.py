@@ -170,19 +170,21 @@ def lenient_output_specs(layers):
         yield
     finally:
         for layer in shadowed:
-            object.__delattr__(layer, "compute_output_spec")
+            vars(layer).pop("compute_output_spec")
 
 
 def layer_attributes(layer) -> dict:
     """The attributes of `layer` that hold layers, by name.
 
     On the torch backend a layer is a `torch.nn.Module`, whose
-    `__setattr__` keeps sublayers in `_modules`, not in `__dict__`.
+    `__setattr__` keeps sublayers apart, not in `__dict__`; its public
+    `named_children` lists them.
     """
     import keras
 
     found = dict(vars(layer))
-    found.update(vars(layer).get("_modules") or {})
+    if hasattr(layer, "named_children"):
+        found.update(layer.named_children())
     return {k: v for k, v in found.items() if isinstance(v, keras.layers.Layer)}
 
 

@@ -362,13 +362,13 @@ def rebuild(model, plan, kept):
             return tensors[id(value)]
         return value
 
-    def replay(calls, prefix, inline=True):
+    def replay(calls, prefix):
         for operation, ins, outs, _, (args, kwargs) in calls:
             name = prefix + operation.name
             new_args, new_kwargs = tree.map_structure(
                 new_tensor, (tuple(args), kwargs)
             )
-            if inline and name in plan.blocks:
+            if name in plan.blocks:
                 with _trace(operation, args, kwargs) as (
                     block_ins,
                     block_outs,
@@ -402,7 +402,7 @@ def rebuild(model, plan, kept):
         # which gives each the input shape it gets in the smaller block.
         for t in traced_inputs:
             tensors[id(t)] = keras.KerasTensor(t.shape, dtype=t.dtype)
-        replay(calls, f"{name}/", inline=False)
+        replay(calls, f"{name}/")
         sublayers = {
             attribute: clones[id(sublayer)]
             for attribute, sublayer in _keras_internals.layer_attributes(
