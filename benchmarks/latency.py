@@ -28,7 +28,10 @@ Models: keras.applications ResNet50 and MobileNetV2 (96x96x3, 1000
 classes) at 50% of channels, a keras-hub `BertBackbone` (4 layers, hidden
 256, 4 heads, FFN 1024, sequence 128, vocabulary 1000) at 50% of its
 attention heads and feed-forward units (`shrink_model` inlines each
-`TransformerEncoder` as a plain functional graph), and `tiny`
+`TransformerEncoder` as a plain functional graph), `gpt2` (the same
+sizes in a keras-hub `GPT2Backbone`, not part of the default run: its
+`TransformerDecoder` blocks keep their own call with smaller sublayers)
+and `tiny`
 (a small residual CNN, for smoke tests). Prints one JSON line per model,
 runtime and batch, and appends them to `--out`.
 
@@ -86,6 +89,17 @@ def _text_inputs(length, vocabulary):
     return make
 
 
+def _causal_inputs(length, vocabulary):
+    text = _text_inputs(length, vocabulary)
+
+    def make(batch, rng):
+        x = text(batch, rng)
+        del x["segment_ids"]
+        return x
+
+    return make
+
+
 def build(name, quick):
     """Returns (model, inputs(batch, rng)) for a model name."""
     side = 32 if quick else 96
@@ -112,6 +126,19 @@ def build(name, quick):
             max_sequence_length=length,
         )
         return model, _text_inputs(length, 1000)
+    if name == "gpt2":
+        import keras_hub
+
+        length = 32 if quick else 128
+        model = keras_hub.models.GPT2Backbone(
+            vocabulary_size=1000,
+            num_layers=4,
+            num_heads=4,
+            hidden_dim=256,
+            intermediate_dim=1024,
+            max_sequence_length=length,
+        )
+        return model, _causal_inputs(length, 1000)
     if name == "tiny":
         layers = keras.layers
         inputs = keras.Input((16, 16, 3))
@@ -125,7 +152,8 @@ def build(name, quick):
         outputs = layers.Dense(10, name="out")(x)
         return keras.Model(inputs, outputs), _image_inputs(16)
     raise ValueError(
-        f"Argument `models` must name models in {list(THRESHOLDS) + ['tiny']}"
+        "Argument `models` must name models in "
+        f"{list(THRESHOLDS) + ['gpt2', 'tiny']}"
         f". Received: {name!r}"
     )
 

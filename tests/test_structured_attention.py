@@ -70,9 +70,33 @@ def mask(pruned, path):
     raise KeyError(path)
 
 
-def kept_heads(pruned, block):
+def gpt2(num_layers=2):
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=num_layers,
+        num_heads=HEADS,
+        hidden_dim=HIDDEN,
+        intermediate_dim=FFN,
+        max_sequence_length=LENGTH,
+    )
+
+
+def gpt2_inputs(batch=4, length=LENGTH, seed=0):
+    rng = np.random.default_rng(seed)
+    padding = np.ones((batch, length), "int32")
+    padding[-1, length // 2 :] = 0
+    return {
+        "token_ids": rng.integers(0, VOCABULARY, (batch, length)).astype(
+            "int32"
+        ),
+        "padding_mask": padding,
+    }
+
+
+def kept_heads(pruned, block, attention="self_attention_layer"):
     """The heads kept by the masks of the 4 projections, which agree."""
-    attention = f"{block}/self_attention_layer"
+    attention = f"{block}/{attention}"
     heads = [
         mask(pruned, f"{attention}/{name}/kernel").any(axis=(0, 2))
         for name in ("query", "key", "value")
@@ -130,8 +154,9 @@ def test_bert_loses_heads_and_ffn_units_and_matches_the_masked_model():
     )
 
 
-def test_tracing_leaves_the_model_unchanged():
-    model = bert(num_layers=1)
+@pytest.mark.parametrize("backbone", [bert, gpt2])
+def test_tracing_leaves_the_model_unchanged(backbone):
+    model = backbone(num_layers=1)
     pruned = prune_at_once(model, 0.5)
     kprune.structured.structured_plan(pruned)
     kprune.structured.shrink_model(pruned)
@@ -238,28 +263,119 @@ def test_attention_keeps_at_least_one_head():
     assert_same_outputs(small, pruned, x)
 
 
-def test_a_block_whose_call_cannot_be_traced_keeps_its_units():
+def test_gpt2_decoder_blocks_lose_heads_and_ffn_units_for_any_input_size(
+    tmp_path,
+):
     # GPT-2's TransformerDecoder builds its causal mask from the batch and
-    # sequence sizes, unknown on symbolic tensors.
-    keras.utils.set_random_seed(0)
-    model = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=1,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FFN,
-        max_sequence_length=LENGTH,
-    )
+    # sequence sizes: it is traced with placeholder sizes, and the shrunk
+    # model runs the block's own call with smaller sublayers.
+    model = gpt2()
     pruned = prune_at_once(model, 0.5)
-    why = kprune.structured.structured_plan(pruned)["transformer_layer_0"]
-    assert why.startswith(
-        "StructuredSparsity has no channel rule for TransformerDecoder "
-        "layers, and kprune cannot trace its call"
+    plan = kprune.structured.structured_plan(pruned)
+    for block in ("transformer_layer_0", "transformer_layer_1"):
+        assert plan[block] is None
+        assert plan[f"{block}/self_attention"] is None
+        assert plan[f"{block}/feedforward_intermediate_dense"] is None
+        assert kept_heads(pruned, block, "self_attention").sum() == HEADS // 2
+        units = mask(pruned, f"{block}/feedforward_intermediate_dense/kernel")
+        assert units.any(axis=0).sum() == FFN // 2
+    small = kprune.structured.shrink_model(pruned)
+    assert not collect_pruned_layers(small)
+    head_dim = HIDDEN // HEADS
+    per_head = 3 * (HIDDEN * head_dim + head_dim) + head_dim * HIDDEN
+    per_unit = HIDDEN + 1 + HIDDEN
+    removed = 2 * (2 * per_head + (FFN // 2) * per_unit)
+    assert small.count_params() == model.count_params() - removed
+    # Any batch size and sequence length, shorter than the traced one too.
+    for batch, length in ((4, LENGTH), (3, 5), (1, 1)):
+        assert_same_outputs(small, pruned, gpt2_inputs(batch, length))
+    path = os.path.join(tmp_path, "small.keras")
+    small.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.count_params() == small.count_params()
+    assert_same_outputs(loaded, small, gpt2_inputs(2, 6), tolerance=1e-6)
+    # The masks do change the model: the dense weights give other outputs.
+    x = gpt2_inputs()
+    gap = numpy_outputs(model, x)["output"] - numpy_outputs(small, x)["output"]
+    assert np.abs(gap).max() > 1e-3
+
+
+def test_gpt2_causal_lm_logits_shrink_and_generate_runs_on_the_masked_lm():
+    """The documented path: GPT2CausalLM's backbone is a nested model, so
+    the LM is pruned as a flat functional model from the backbone's inputs
+    to the logits (its tied token embedding), and `generate()` runs on the
+    GPT2CausalLM given the stripped (masked) weights."""
+    backbone = gpt2(num_layers=1)
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    # Pruned as it is, the LM's blocks are inside its backbone and stay.
+    plan = kprune.structured.structured_plan(
+        kprune.prune_low_magnitude(
+            lm, kprune.StructuredSparsity(kprune.ConstantSparsity(0.5, 1))
+        )
     )
+    assert "nested" in plan["transformer_layer_0"]
+    logits = backbone.token_embedding(backbone.output, reverse=True)
+    flat = keras.Model(backbone.input, logits)
+    pruned = prune_at_once(flat, 0.5)
+    small = kprune.structured.shrink_model(pruned)
+    # One block loses 2 heads and 16 FFN units; the token embedding stays
+    # shared by the input and the logits.
+    head_dim = HIDDEN // HEADS
+    per_head = 3 * (HIDDEN * head_dim + head_dim) + head_dim * HIDDEN
+    removed = 2 * per_head + (FFN // 2) * (2 * HIDDEN + 1)
+    assert small.count_params() == flat.count_params() - removed
+    x = gpt2_inputs(2, 6)
+    assert_same_outputs(small, pruned, x)
+    stripped = kprune.strip_pruning(pruned)
+    for layer in lm.backbone.layers:
+        layer.set_weights(stripped.get_layer(layer.name).get_weights())
+    assert_same_outputs(lm, small, x)
+    # Greedy generation fills the padded positions; each token is the
+    # argmax of the shrunk model's logits one position before it.
+    lm.compile(sampler="greedy")
+    prompt = gpt2_inputs(2, LENGTH)
+    prompt["padding_mask"][:, 3:] = 0
+    generated = lm.generate(prompt, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(generated[:, :3], prompt["token_ids"][:, :3])
+    scores = numpy_outputs(
+        small,
+        {"token_ids": generated, "padding_mask": np.ones_like(generated)},
+    )["output"]
+    np.testing.assert_array_equal(
+        scores[:, 2:-1].argmax(axis=-1), generated[:, 3:]
+    )
+
+
+class Untraceable(layers.Layer):
+    """A block whose call cannot run on `KerasTensor`s, as one calling a
+    backend's own functions."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(6, name="dense")
+
+    def call(self, x):
+        if isinstance(x, keras.KerasTensor):
+            raise TypeError("a backend function got a KerasTensor")
+        return self.dense(x)
+
+
+def test_a_block_whose_call_cannot_be_traced_keeps_its_units():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 6))
+    x = layers.Dense(6, name="d0")(inputs)
+    x = Untraceable(name="block")(x)
+    model = keras.Model(inputs, layers.Dense(2, name="out")(x))
+    pruned = prune_at_once(model, 0.5)
+    plan = kprune.structured.structured_plan(pruned)
+    assert plan["block"].startswith(
+        "StructuredSparsity has no channel rule for Untraceable layers, and "
+        "kprune cannot trace its call"
+    )
+    assert "'block' (Untraceable)" in plan["d0"]
     small = kprune.structured.shrink_model(pruned)
     assert small.count_params() == model.count_params()
-    x = bert_inputs()
-    del x["segment_ids"]
+    x = np.random.default_rng(0).normal(size=(2, 5, 6)).astype("float32")
     assert_same_outputs(small, pruned, x)
 
 

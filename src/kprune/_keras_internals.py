@@ -60,7 +60,7 @@ def calls(layer) -> list:
 
 
 @contextlib.contextmanager
-def symbolic_calls(layer, args, kwargs):
+def symbolic_calls(layer, args, kwargs, size=None):
     """Runs `layer.call` on symbolic tensors so its sublayers' calls are
     recorded, and forgets them afterwards.
 
@@ -78,6 +78,10 @@ def symbolic_calls(layer, args, kwargs):
         args, kwargs: The arguments of a call of `layer`; each
             `KerasTensor` in them is replaced by a fresh one of the same
             shape and dtype.
+        size: If not None, the fresh tensors have this size where the
+            shape has None (an unknown batch or sequence size), for a
+            `call` that needs the sizes (`ops.shape`) as numbers; what it
+            computes from them is then fixed for that size.
 
     Yields:
         `(inputs, outputs, operations)`: the fresh input tensors (in the
@@ -88,7 +92,10 @@ def symbolic_calls(layer, args, kwargs):
 
     def fresh(value):
         if isinstance(value, keras.KerasTensor):
-            return keras.KerasTensor(value.shape, dtype=value.dtype)
+            shape = value.shape
+            if size is not None:
+                shape = tuple(size if d is None else d for d in shape)
+            return keras.KerasTensor(shape, dtype=value.dtype)
         return value
 
     args, kwargs = keras.tree.map_structure(fresh, (tuple(args), kwargs))
@@ -102,7 +109,8 @@ def symbolic_calls(layer, args, kwargs):
         (op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in known
     ]
     try:
-        outputs = keras.tree.flatten(layer.call(*args, **kwargs))
+        with lenient_output_specs(known):
+            outputs = keras.tree.flatten(layer.call(*args, **kwargs))
         operations, seen, stack = [], set(), list(outputs)
         while stack:
             history = getattr(stack.pop(), "_keras_history", None)
@@ -118,6 +126,66 @@ def symbolic_calls(layer, args, kwargs):
         for op, inbound, outbound in lengths:
             del op._inbound_nodes[inbound:]
             del op._outbound_nodes[outbound:]
+
+
+@contextlib.contextmanager
+def lenient_output_specs(layers):
+    """Lets `layers` be called on `KerasTensor`s with keyword arguments
+    set to None that their `compute_output_spec` does not take.
+
+    A layer called on `KerasTensor`s infers its outputs with
+    `compute_output_spec` (`Operation.symbolic_call`, ops/operation.py),
+    which gets the call's arguments. Some layers pass more: keras-hub's
+    `CachedMultiHeadAttention` takes `cache=None` and
+    `cache_update_index=None`, which `MultiHeadAttention.compute_output_spec`
+    does not take, so its symbolic call fails where its eager call works.
+    Keras has no public hook for this; while the context is open, each
+    layer's `compute_output_spec` is shadowed by an instance attribute that
+    drops such arguments (None is their default), and it is removed on
+    exit.
+    """
+    import inspect
+
+    shadowed = []
+    for layer in layers:
+        method = layer.compute_output_spec
+        try:
+            parameters = inspect.signature(method).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            continue
+
+        def spec(*args, _method=method, _parameters=parameters, **kwargs):
+            kwargs = {
+                k: v
+                for k, v in kwargs.items()
+                if v is not None or k in _parameters
+            }
+            return _method(*args, **kwargs)
+
+        object.__setattr__(layer, "compute_output_spec", spec)
+        shadowed.append(layer)
+    try:
+        yield
+    finally:
+        for layer in shadowed:
+            vars(layer).pop("compute_output_spec")
+
+
+def layer_attributes(layer) -> dict:
+    """The attributes of `layer` that hold layers, by name.
+
+    On the torch backend a layer is a `torch.nn.Module`, whose
+    `__setattr__` keeps sublayers apart, not in `__dict__`; its public
+    `named_children` lists them.
+    """
+    import keras
+
+    found = dict(vars(layer))
+    if hasattr(layer, "named_children"):
+        found.update(layer.named_children())
+    return {k: v for k, v in found.items() if isinstance(v, keras.layers.Layer)}
 
 
 def copy_legacy_input_shape(source, target) -> None:

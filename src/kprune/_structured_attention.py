@@ -26,6 +26,14 @@ convolution channels. `rebuild` (called by `shrink_model`) replaces each
 traced block by its graph, inlined in a plain functional model, with
 smaller layers: fewer heads (`num_heads`; the head size stays), fewer
 FFN units.
+
+A block whose call needs its inputs' batch or sequence size as a number
+(keras-hub's `TransformerDecoder` builds its causal mask from them) cannot
+be traced where the shape says None; it is traced with a placeholder size
+there (`_trace`). Its graph then holds what the call computed from that
+size as constants, so it is not inlined: `rebuild` keeps the block's own
+call, with its resized sublayers swapped in (`_ResizedBlock`), and the
+smaller model runs on any batch and sequence size.
 """
 
 import contextlib
@@ -114,6 +122,43 @@ def _prunable_weights(layer):
         return []
 
 
+# Where a block's call needs the sizes its inputs' shapes leave unknown
+# (None), it is traced with this size there. 2, not 1: a size of 1 would
+# broadcast against anything and hide a mismatch.
+_PLACEHOLDER_SIZE = 2
+
+
+@contextlib.contextmanager
+def _trace(layer, args, kwargs):
+    """`layer.call` traced on symbolic tensors (`symbolic_calls`).
+
+    A call that needs the batch or sequence size as a number (keras-hub's
+    `TransformerDecoder` builds its causal mask with `ops.arange` of
+    `ops.shape(x)[1]`) fails on tensors whose shape has None there; it is
+    traced again with `_PLACEHOLDER_SIZE` in their place. Its graph then
+    holds what it computed from the sizes as constants, fixed for that
+    size, so `rebuild` does not inline it.
+
+    Yields:
+        `(inputs, outputs, calls, size)`: `calls` as `sorted_calls` gives
+        them, `size` the placeholder size or None.
+    """
+    with contextlib.ExitStack() as stack:
+        size = None
+        try:
+            traced = stack.enter_context(
+                _keras_internals.symbolic_calls(layer, args, kwargs)
+            )
+        except Exception:  # any failure of the user's `call`
+            size = _PLACEHOLDER_SIZE
+            traced = stack.enter_context(
+                _keras_internals.symbolic_calls(layer, args, kwargs, size)
+            )
+        inputs, outputs, operations = traced
+        calls = structured.sorted_calls(outputs, operations)
+        yield inputs, outputs, calls, size
+
+
 def _block(plan, call):
     """A layer with sublayers: its traced graph, walked by the rules."""
     layer = call.layer
@@ -132,10 +177,9 @@ def _block(plan, call):
     args, kwargs = call.arguments
     with contextlib.ExitStack() as stack:
         try:
-            inputs, outputs, operations = stack.enter_context(
-                _keras_internals.symbolic_calls(layer, args, kwargs)
+            inputs, outputs, calls, size = stack.enter_context(
+                _trace(layer, args, kwargs)
             )
-            calls = structured.sorted_calls(outputs, operations)
         except Exception as error:  # any failure of the user's `call`
             return plan.refuse(
                 call,
@@ -173,6 +217,35 @@ def _block(plan, call):
                 f"not call the sublayers holding {missing} as layers, so "
                 "kprune cannot follow their channels",
             )
+        if size is not None:
+            # `rebuild` keeps such a block's own `call` and swaps its
+            # sublayers, which must therefore be its attributes, and
+            # layers kprune resizes whole (not blocks to open up too).
+            attributes = {
+                id(v) for v in _keras_internals.layer_attributes(layer).values()
+            }
+            hidden = [
+                operation.name
+                for operation, *_ in calls
+                if isinstance(operation, L.Layer)
+                and (
+                    id(operation) not in attributes
+                    or (
+                        structured._rule(operation) is _block
+                        and _keras_internals.sublayers(operation)
+                    )
+                )
+            ]
+            if hidden:
+                return plan.refuse(
+                    call,
+                    f"it feeds {call.what}, whose sublayers kprune cannot "
+                    "replace",
+                    f"StructuredSparsity has no channel rule for "
+                    f"{type(layer).__name__} layers, its call needs its "
+                    "inputs' batch or sequence size, and kprune cannot "
+                    f"replace the layers it calls ({hidden}) by smaller ones",
+                )
         layouts = {id(t): x for t, x in zip(inputs, call.inputs)}
         plan.walk(calls, layouts, prefix=f"{call.name}/", structured=True)
         inner = []
@@ -194,6 +267,51 @@ RULES = {
     # rule of its own.
     L.Layer: _block,
 }
+
+
+@keras.saving.register_keras_serializable("kprune", "ResizedBlock")
+class _ResizedBlock(L.Layer):
+    """A block whose call needs its inputs' sizes, with smaller sublayers.
+
+    Such a block's traced graph holds what its call computed from the
+    placeholder sizes (`_trace`), so it is not inlined: the block itself
+    runs, rebuilt from its config, with the sublayers `rebuild` resized in
+    place of its own. Its config nests both, so the model loads from a
+    `.keras` file (with `kprune` imported) and the block runs on inputs
+    of any batch and sequence size.
+
+    Args:
+        block: The block's `keras.saving.serialize_keras_object` dict.
+        sublayers: Name of each attribute of the block to replace -> the
+            layer (or its serialized dict) that replaces it.
+    """
+
+    def __init__(self, block, sublayers, **kwargs):
+        super().__init__(**kwargs)
+        self.block = keras.saving.deserialize_keras_object(block)
+        attributes = _keras_internals.layer_attributes(self.block)
+        for attribute, sublayer in sublayers.items():
+            if isinstance(sublayer, dict):
+                sublayer = keras.saving.deserialize_keras_object(sublayer)
+            _keras_internals.replace_sublayer(
+                self.block, attributes[attribute], sublayer
+            )
+        self.sublayers = sorted(sublayers)
+        self.built = True
+
+    def call(self, *args, **kwargs):
+        return self.block(*args, **kwargs)
+
+    def get_config(self):
+        attributes = _keras_internals.layer_attributes(self.block)
+        return {
+            **super().get_config(),
+            "block": keras.saving.serialize_keras_object(self.block),
+            "sublayers": {
+                a: keras.saving.serialize_keras_object(attributes[a])
+                for a in self.sublayers
+            },
+        }
 
 
 def _clone(operation, name, inner, plan, kept):
@@ -247,30 +365,56 @@ def rebuild(model, plan, kept):
     def replay(calls, prefix):
         for operation, ins, outs, _, (args, kwargs) in calls:
             name = prefix + operation.name
-            if name in plan.blocks:
-                with _keras_internals.symbolic_calls(
-                    operation, args, kwargs
-                ) as (block_ins, block_outs, operations):
-                    for traced, outer in zip(block_ins, ins):
-                        tensors[id(traced)] = tensors[id(outer)]
-                    replay(
-                        structured.sorted_calls(block_outs, operations),
-                        f"{name}/",
-                    )
-                    for traced, outer in zip(block_outs, outs):
-                        tensors[id(outer)] = tensors[id(traced)]
-                continue
-            if id(operation) not in clones:
-                clones[id(operation)] = _clone(
-                    operation, name, bool(prefix), plan, kept
-                )
-                copies.append((name, operation, clones[id(operation)]))
             new_args, new_kwargs = tree.map_structure(
                 new_tensor, (tuple(args), kwargs)
             )
-            result = clones[id(operation)](*new_args, **new_kwargs)
+            if name in plan.blocks:
+                with _trace(operation, args, kwargs) as (
+                    block_ins,
+                    block_outs,
+                    block_calls,
+                    size,
+                ):
+                    if size is None:
+                        for traced, outer in zip(block_ins, ins):
+                            tensors[id(traced)] = tensors[id(outer)]
+                        replay(block_calls, f"{name}/")
+                        result = [tensors[id(t)] for t in block_outs]
+                    else:
+                        result = resized_block(
+                            operation, name, block_ins, block_calls
+                        )(*new_args, **new_kwargs)
+            else:
+                if id(operation) not in clones:
+                    clones[id(operation)] = _clone(
+                        operation, name, bool(prefix), plan, kept
+                    )
+                    copies.append((name, operation, clones[id(operation)]))
+                clone = clones[id(operation)]
+                with _keras_internals.lenient_output_specs([clone]):
+                    result = clone(*new_args, **new_kwargs)
             for old, new in zip(outs, tree.flatten(result)):
                 tensors[id(old)] = new
+
+    def resized_block(block, name, traced_inputs, calls):
+        """`block` with its traced sublayers resized (`_ResizedBlock`)."""
+        # The clones are built by a replay of the trace on fresh tensors,
+        # which gives each the input shape it gets in the smaller block.
+        for t in traced_inputs:
+            tensors[id(t)] = keras.KerasTensor(t.shape, dtype=t.dtype)
+        replay(calls, f"{name}/")
+        sublayers = {
+            attribute: clones[id(sublayer)]
+            for attribute, sublayer in _keras_internals.layer_attributes(
+                block
+            ).items()
+            if id(sublayer) in clones
+        }
+        return _ResizedBlock(
+            keras.saving.serialize_keras_object(block),
+            sublayers,
+            name=block.name,
+        )
 
     _, calls, _ = structured._graph(model)
     replay(calls, "")

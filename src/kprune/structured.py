@@ -1204,9 +1204,12 @@ def shrink_model(model):
     A `MultiHeadAttention` loses its removed heads (`num_heads`). A traced
     block (a keras-hub transformer block) is replaced by its graph, its
     layers named `block_layer`, so the result is then a functional model
-    even when `model` was a keras-hub model.
-    The result is a plain Keras model, without kprune objects, whose
-    predictions equal the pruned model's (up to float rounding). Other
+    even when `model` was a keras-hub model. A block whose call needs its
+    inputs' batch or sequence size (keras-hub's `TransformerDecoder`:
+    GPT-2 and other causal models) stays, with its smaller sublayers, in
+    a kprune layer (loading its `.keras` file needs `import kprune`).
+    Otherwise the result is a plain Keras model, without kprune objects;
+    its predictions equal the pruned model's (up to float rounding). Other
     pruned layers are stripped as `strip_pruning` does. The pruned model is
     unchanged; the result is not compiled.
 
