@@ -307,13 +307,17 @@ def test_gpt2_causal_lm_logits_shrink_and_generate_runs_on_the_masked_lm():
     GPT2CausalLM given the stripped (masked) weights."""
     backbone = gpt2(num_layers=1)
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    # Pruned as it is, the LM's blocks are inside its backbone and stay.
-    plan = kprune.structured.structured_plan(
-        kprune.prune_low_magnitude(
-            lm, kprune.StructuredSparsity(kprune.ConstantSparsity(0.5, 1))
-        )
+    # Pruned as it is, the LM's blocks are inside its backbone and stay,
+    # and shrinking keeps the token embedding shared by the nested
+    # backbone and the logits (one copy, not two).
+    whole = kprune.prune_low_magnitude(
+        lm, kprune.StructuredSparsity(kprune.ConstantSparsity(0.5, 1))
     )
+    plan = kprune.structured.structured_plan(whole)
     assert "nested" in plan["transformer_layer_0"]
+    same = kprune.structured.shrink_model(whole)
+    assert same.count_params() == lm.count_params()
+    assert_same_outputs(same, lm, gpt2_inputs(2, 6))
     logits = backbone.token_embedding(backbone.output, reverse=True)
     flat = keras.Model(backbone.input, logits)
     pruned = prune_at_once(flat, 0.5)

@@ -1265,7 +1265,9 @@ def shrink_model(model):
                 set_size(config, len(keep))
         return layer.__class__.from_config(config)
 
-    small = keras.models.clone_model(stripped, clone_function=clone)
+    small = keras.models.clone_model(
+        stripped, clone_function=clone, recursive=True
+    )
     for old in stripped.layers:
         if not old.weights:
             continue
