@@ -9,8 +9,7 @@ import pytest
 from keras import layers
 
 import kprune
-from kprune.structured import StructuredGroup
-from kprune.wrapper import collect_pruned_layers
+import testing
 
 
 def randomize_batch_norms(model, seed=0):
@@ -63,27 +62,6 @@ def test_every_batch_norm_of_resnet50_folds():
     assert_same_function(model, folded, images(32))
 
 
-def prune_at_once(model, sparsity=0.5):
-    """Structured masks of `sparsity` set now, as a pruning step would."""
-    schedule = kprune.structured.StructuredSparsity(
-        kprune.ConstantSparsity(sparsity, begin_step=1, frequency=1)
-    )
-    pruned = kprune.prune_low_magnitude(model, schedule)
-    group = StructuredGroup(pruned, collect_pruned_layers(pruned))
-    weights = [
-        keras.ops.convert_to_tensor(wrapper.pruning_vars[i][0])
-        for wrapper, i in group.entries
-    ]
-    masks, _ = group.compute_masks(weights, sparsity)
-    for (wrapper, i), mask in zip(group.entries, masks):
-        weight, mask_variable, _ = wrapper.pruning_vars[i]
-        mask_variable.assign(mask)
-        weight.assign(
-            keras.ops.where(mask, keras.ops.convert_to_tensor(weight), 0.0)
-        )
-    return pruned
-
-
 # JAX runs the eager pruning step of a model this size slowly (see
 # test_structured_graphs.py); ResNet50 above covers folding there.
 @(pytest.mark.slow if keras.backend.backend() == "jax" else lambda f: f)
@@ -95,7 +73,7 @@ def test_shrunk_mobilenetv2_folds_and_keeps_the_pruned_function():
         classes=10,
         classifier_activation=None,
     )
-    pruned = prune_at_once(randomize_batch_norms(model))
+    pruned = testing.prune_at_once(randomize_batch_norms(model))
     small = kprune.structured.shrink_model(pruned)
     folded = kprune.structured.fold_batchnorm(small)
     assert len(batch_norms(small)) == 52

@@ -8,7 +8,6 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
-from test_structured_graphs import prune_at_once
 
 import kprune
 import testing
@@ -111,7 +110,7 @@ def kept_heads(pruned, block, attention="self_attention_layer"):
 
 def test_bert_loses_heads_and_ffn_units_and_matches_the_masked_model():
     model = bert()
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     x = bert_inputs()
     for block in ("transformer_layer_0", "transformer_layer_1"):
         heads = kept_heads(pruned, block)
@@ -157,7 +156,7 @@ def test_bert_loses_heads_and_ffn_units_and_matches_the_masked_model():
 @pytest.mark.parametrize("backbone", [bert, gpt2])
 def test_tracing_leaves_the_model_unchanged(backbone):
     model = backbone(num_layers=1)
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     kprune.structured.structured_plan(pruned)
     kprune.structured.shrink_model(pruned)
     block = pruned.get_layer("prune_low_magnitude_transformer_layer_0").layer
@@ -168,7 +167,7 @@ def test_tracing_leaves_the_model_unchanged(backbone):
 
 
 def test_shrunk_bert_round_trips_through_a_keras_file(tmp_path):
-    pruned = prune_at_once(bert(num_layers=1), 0.5)
+    pruned = testing.prune_at_once(bert(num_layers=1), 0.5)
     small = kprune.structured.shrink_model(pruned)
     path = os.path.join(tmp_path, "small.keras")
     small.save(path)
@@ -239,7 +238,7 @@ def attention_model():
 
 def test_a_functional_multi_head_attention_loses_heads_and_its_inputs():
     keras.utils.set_random_seed(0)
-    pruned = prune_at_once(attention_model(), 0.5)
+    pruned = testing.prune_at_once(attention_model(), 0.5)
     plan = kprune.structured.structured_plan(pruned)
     assert plan["mha"] is None and plan["proj"] is None
     assert plan["after"] is None
@@ -256,7 +255,7 @@ def test_a_functional_multi_head_attention_loses_heads_and_its_inputs():
 
 def test_attention_keeps_at_least_one_head():
     keras.utils.set_random_seed(0)
-    pruned = prune_at_once(attention_model(), 0.95)
+    pruned = testing.prune_at_once(attention_model(), 0.95)
     small = kprune.structured.shrink_model(pruned)
     assert small.get_layer("mha").num_heads == 1
     x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype("float32")
@@ -270,7 +269,7 @@ def test_gpt2_decoder_blocks_lose_heads_and_ffn_units_for_any_input_size(
     # sequence sizes: it is traced with placeholder sizes, and the shrunk
     # model runs the block's own call with smaller sublayers.
     model = gpt2()
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     plan = kprune.structured.structured_plan(pruned)
     for block in ("transformer_layer_0", "transformer_layer_1"):
         assert plan[block] is None
@@ -320,7 +319,7 @@ def test_gpt2_causal_lm_logits_shrink_and_generate_runs_on_the_masked_lm():
     assert_same_outputs(same, lm, gpt2_inputs(2, 6))
     logits = backbone.token_embedding(backbone.output, reverse=True)
     flat = keras.Model(backbone.input, logits)
-    pruned = prune_at_once(flat, 0.5)
+    pruned = testing.prune_at_once(flat, 0.5)
     small = kprune.structured.shrink_model(pruned)
     # One block loses 2 heads and 16 FFN units; the token embedding stays
     # shared by the input and the logits.
@@ -370,7 +369,7 @@ def test_a_block_whose_call_cannot_be_traced_keeps_its_units():
     x = layers.Dense(6, name="d0")(inputs)
     x = Untraceable(name="block")(x)
     model = keras.Model(inputs, layers.Dense(2, name="out")(x))
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     plan = kprune.structured.structured_plan(pruned)
     assert plan["block"].startswith(
         "StructuredSparsity has no channel rule for Untraceable layers, and "
@@ -409,7 +408,7 @@ def test_a_custom_block_is_traced_and_inlined_as_plain_keras_layers(tmp_path):
     inputs = keras.Input((5, 6))
     x = FeedForward(6, 10, name="block")(inputs)
     model = keras.Model(inputs, layers.Dense(2, name="head")(x))
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     plan = kprune.structured.structured_plan(pruned)
     assert plan["block"] is None and plan["block/up"] is None
     assert "keras.ops Add in 'block'" in plan["block/down"]
@@ -433,7 +432,7 @@ def test_layers_that_run_their_sublayers_otherwise_are_left_whole():
     x = layers.Bidirectional(layers.GRU(4, return_sequences=True), name="bi")(x)
     x = layers.Dense(6, name="d1")(x)
     model = keras.Model(inputs, layers.Dense(2, name="out")(x))
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     plan = kprune.structured.structured_plan(pruned)
     for name, kind in (("td", "TimeDistributed"), ("bi", "Bidirectional")):
         assert plan[name].startswith(

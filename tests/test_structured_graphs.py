@@ -36,26 +36,6 @@ def randomize_batch_norms(model, seed=0):
     return model
 
 
-def prune_at_once(model, sparsity=0.5):
-    """Prunes `model` with StructuredSparsity and sets the masks of
-    `sparsity` now, as a pruning step of `fit` does (much faster than
-    tracing the training step of a large model)."""
-    pruned = kprune.prune_low_magnitude(model, structured(sparsity))
-    group = StructuredGroup(pruned, collect_pruned_layers(pruned))
-    weights = [
-        keras.ops.convert_to_tensor(wrapper.pruning_vars[i][0])
-        for wrapper, i in group.entries
-    ]
-    masks, _ = group.compute_masks(weights, sparsity)
-    for (wrapper, i), mask in zip(group.entries, masks):
-        weight, mask_variable, _ = wrapper.pruning_vars[i]
-        mask_variable.assign(mask)
-        weight.assign(
-            keras.ops.where(mask, keras.ops.convert_to_tensor(weight), 0.0)
-        )
-    return pruned
-
-
 def mask_of(pruned, name, index=0):
     wrapper = pruned.get_layer(f"prune_low_magnitude_{name}")
     return keras.ops.convert_to_numpy(wrapper.pruning_vars[index][1])
@@ -173,7 +153,7 @@ def test_mobilenetv2_loses_channels_in_expand_depthwise_and_project_layers():
         classes=10,
         classifier_activation=None,
     )
-    pruned = prune_at_once(randomize_batch_norms(model), 0.5)
+    pruned = testing.prune_at_once(randomize_batch_norms(model), 0.5)
     plan = kprune.structured_plan(pruned)
     depthwise = [
         layer.name
@@ -286,7 +266,7 @@ def test_channels_concatenated_along_another_axis_lose_the_same_units():
     b = layers.Dense(6, name="b")(inputs)
     both = layers.Concatenate(axis=1, name="time")([a, b])
     model = keras.Model(inputs, layers.Dense(2, name="out")(both))
-    pruned = prune_at_once(model, 0.5)
+    pruned = testing.prune_at_once(model, 0.5)
     np.testing.assert_array_equal(
         kept_units(pruned, "a"), kept_units(pruned, "b")
     )
@@ -320,7 +300,7 @@ def test_separable_and_squeeze_excitation_blocks_shrink():
     x = layers.SeparableConv2D(6, 3, name="sep2")(x)
     x = layers.GlobalMaxPooling2D()(x)
     model = keras.Model(inputs, layers.Dense(2, name="out")(x))
-    pruned = prune_at_once(randomize_batch_norms(model), 0.5)
+    pruned = testing.prune_at_once(randomize_batch_norms(model), 0.5)
     plan = kprune.structured_plan(pruned)
     assert plan["sep1"] is plan["excite"] is plan["sep2"] is None
     small = kprune.shrink_model(pruned)
@@ -369,7 +349,7 @@ def test_keras_applications_shrink_all_but_their_classifier(name, side):
         classes=10,
         classifier_activation=None,
     )
-    pruned = prune_at_once(randomize_batch_norms(model), 0.5)
+    pruned = testing.prune_at_once(randomize_batch_norms(model), 0.5)
     plan = kprune.structured_plan(pruned)
     whole = {name: why for name, why in plan.items() if why is not None}
     assert whole == {"predictions": "its output is a model output"}

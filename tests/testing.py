@@ -144,3 +144,28 @@ def tiny_gpt2():
     return keras_hub.models.GPT2CausalLM(
         backbone=backbone, preprocessor=preprocessor
     )
+
+
+def prune_at_once(model, sparsity=0.5):
+    """Prunes `model` with `StructuredSparsity` and sets the masks of
+    `sparsity` now, as a pruning step of `fit` does (much faster than
+    tracing the training step of a large model)."""
+    from kprune.structured import StructuredGroup
+
+    schedule = kprune.structured.StructuredSparsity(
+        kprune.ConstantSparsity(sparsity, begin_step=1, frequency=1)
+    )
+    pruned = kprune.prune_low_magnitude(model, schedule)
+    group = StructuredGroup(pruned, collect_pruned_layers(pruned))
+    weights = [
+        keras.ops.convert_to_tensor(wrapper.pruning_vars[i][0])
+        for wrapper, i in group.entries
+    ]
+    masks, _ = group.compute_masks(weights, sparsity)
+    for (wrapper, i), mask in zip(group.entries, masks):
+        weight, mask_variable, _ = wrapper.pruning_vars[i]
+        mask_variable.assign(mask)
+        weight.assign(
+            keras.ops.where(mask, keras.ops.convert_to_tensor(weight), 0.0)
+        )
+    return pruned
