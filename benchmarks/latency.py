@@ -113,11 +113,15 @@ def build(name, quick):
             weights=None, input_shape=(side, side, 3)
         )
         return model, _image_inputs(side)
-    if name == "bert":
+    if name in ("bert", "gpt2"):
         import keras_hub
 
         length = 32 if quick else 128
-        model = keras_hub.models.BertBackbone(
+        backbone, inputs = {
+            "bert": (keras_hub.models.BertBackbone, _text_inputs),
+            "gpt2": (keras_hub.models.GPT2Backbone, _causal_inputs),
+        }[name]
+        model = backbone(
             vocabulary_size=1000,
             num_layers=4,
             num_heads=4,
@@ -125,20 +129,7 @@ def build(name, quick):
             intermediate_dim=1024,
             max_sequence_length=length,
         )
-        return model, _text_inputs(length, 1000)
-    if name == "gpt2":
-        import keras_hub
-
-        length = 32 if quick else 128
-        model = keras_hub.models.GPT2Backbone(
-            vocabulary_size=1000,
-            num_layers=4,
-            num_heads=4,
-            hidden_dim=256,
-            intermediate_dim=1024,
-            max_sequence_length=length,
-        )
-        return model, _causal_inputs(length, 1000)
+        return model, inputs(length, 1000)
     if name == "tiny":
         layers = keras.layers
         inputs = keras.Input((16, 16, 3))
