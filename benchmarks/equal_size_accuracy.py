@@ -31,8 +31,20 @@ For each seed, every arm gets `--dense-epochs + --finetune-epochs` epochs:
 - small dense: MobileNetV2 at the `alpha` (a grid of 0.01 steps) whose
   `count_params()` is closest to P, trained from scratch for all the
   epochs.
+- unstructured-uniform (only with `--arms`): as unstructured, but
+  `prune_low_magnitude(dense, PolynomialDecay(0 -> s))`, the same
+  sparsity for every kernel, `s` solved by bisection on kprune's per-layer
+  kept counts (`max(round(n * (1 - s)), 1)` in float32) so that they sum
+  to the same nonzero count P (exactly for MobileNetV2 alpha 0.35).
 
-Parameters count everything `count_params()` counts (BatchNorm moving
+The unstructured arms also record, in `layer_sparsity`, the sparsity
+their stripped kernels end with: min and max over layers, the layers
+above 95%, and per layer type (stem `Conv1`, expand 1x1, depthwise,
+project 1x1, `Conv_1`, the `Dense`).
+
+`--arms` picks arms (default: structured unstructured small-dense);
+without structured, `--target-parameters` gives P (121978 for the
+defaults). Parameters count everything `count_params()` counts (BatchNorm moving
 statistics included). Prints one JSON line per arm and seed (test
 accuracy, parameters, seconds) and appends it to `--out`.
 
