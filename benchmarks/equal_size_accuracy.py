@@ -31,8 +31,20 @@ For each seed, every arm gets `--dense-epochs + --finetune-epochs` epochs:
 - small dense: MobileNetV2 at the `alpha` (a grid of 0.01 steps) whose
   `count_params()` is closest to P, trained from scratch for all the
   epochs.
+- unstructured-uniform (only with `--arms`): as unstructured, but
+  `prune_low_magnitude(dense, PolynomialDecay(0 -> s))`, the same
+  sparsity for every kernel, `s` solved by bisection on kprune's per-layer
+  kept counts (`max(round(n * (1 - s)), 1)` in float32) so that they sum
+  to the same nonzero count P (exactly for MobileNetV2 alpha 0.35).
 
-Parameters count everything `count_params()` counts (BatchNorm moving
+The unstructured arms also record, in `layer_sparsity`, the sparsity
+their stripped kernels end with: min and max over layers, the layers
+above 95%, and per layer type (stem `Conv1`, expand 1x1, depthwise,
+project 1x1, `Conv_1`, the `Dense`).
+
+`--arms` picks arms (default: structured unstructured small-dense);
+without structured, `--target-parameters` gives P (121978 for the
+defaults). Parameters count everything `count_params()` counts (BatchNorm moving
 statistics included). Prints one JSON line per arm and seed (test
 accuracy, parameters, seconds) and appends it to `--out`.
 
@@ -67,7 +79,16 @@ sys.path.insert(
 from fashion_mnist import load_data  # noqa: E402
 
 BATCH = 128
-ARMS = ("structured", "unstructured", "small dense")
+ARMS = ("structured", "unstructured", "small dense", "unstructured-uniform")
+DEFAULT_ARMS = ARMS[:3]
+LAYER_TYPES = (
+    ("stem Conv", "Conv1"),
+    ("expand 1x1", "_expand"),
+    ("depthwise", "_depthwise"),
+    ("project 1x1", "_project"),
+    ("Conv_1", "Conv_1"),
+    ("Dense", "predictions"),
+)
 
 
 def build_model(alpha):
@@ -150,6 +171,65 @@ def nonzero_parameters(stripped):
     )
 
 
+def layer_sparsity(stripped):
+    """Per-layer sparsity of the pruned kernels of a stripped
+    MobileNetV2: min and max over layers, the layers above 95%, and the
+    sparsity of each layer type (zeros over weights of all its layers)."""
+    layers = {}
+    for row in kprune.report.sparsity_report(stripped)["weights"]:
+        if row["pruned"]:
+            name = row["weight"].split("/")[0]
+            layers[name] = (row["parameters"], row["nonzeros"])
+    by_type = {}
+    for label, key in LAYER_TYPES:
+        mine = [
+            v
+            for name, v in layers.items()
+            if (name == key if key[0] != "_" else name.endswith(key))
+        ]
+        total = sum(p for p, _ in mine)
+        zeros = sum(p - n for p, n in mine)
+        by_type[label] = {
+            "layers": len(mine),
+            "parameters": total,
+            "sparsity": round(zeros / total, 4),
+        }
+    sparsity = {n: 1 - nz / p for n, (p, nz) in layers.items()}
+    low = min(sparsity, key=sparsity.get)
+    high = max(sparsity, key=sparsity.get)
+    return {
+        "min": [low, round(sparsity[low], 4)],
+        "max": [high, round(sparsity[high], 4)],
+        "above_95": {n: round(v, 4) for n, v in sparsity.items() if v > 0.95},
+        "by_type": by_type,
+    }
+
+
+def kept_count(size, sparsity):
+    """`kprune`'s per-layer kept count, `max(round(size * (1 -
+    sparsity)), 1)` in float32, round half to even, in NumPy."""
+    dense = np.float32(size) * (np.float32(1.0) - np.float32(sparsity))
+    return max(int(np.round(dense)), 1)
+
+
+def uniform_sparsity(sizes, kept):
+    """The sparsity `s` at which layers of `sizes` weights, each pruned to
+    `kept_count(size, s)`, keep together the count closest to `kept`
+    (the higher `s` on a tie): bisection on `s` (the total falls as `s`
+    rises, in steps of one per layer at most), then `(s, total)`."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if sum(kept_count(n, middle) for n in sizes) > kept:
+            low = middle
+        else:
+            high = middle
+    # `high` keeps <= kept, `low` keeps > kept: take the closer.
+    totals = {s: sum(kept_count(n, s) for n in sizes) for s in (low, high)}
+    best = min((low, high), key=lambda s: (abs(totals[s] - kept), -s))
+    return best, totals[best]
+
+
 def accuracy(model, x, y):
     probabilities = model.predict(x, batch_size=500, verbose=0)
     return round(float(np.mean(np.argmax(probabilities, axis=-1) == y)), 4)
@@ -177,6 +257,81 @@ def run_seed(seed, args, data, record):
         "seconds_shared_dense_phase": round(dense_seconds, 1),
     }
 
+    if "structured" not in args.arms:
+        target_parameters = args.target_parameters
+    else:
+        target_parameters = structured_arm(
+            dense, common, dense_seconds, args, steps, data, seed, record
+        )
+    # The weights kprune would prune in the dense model are those
+    # `GlobalSparsity` ranks; everything else stays nonzero.
+    report = kprune.report.sparsity_report(dense)
+    prunable = report["pruned_total"]["parameters"]
+    kept = target_parameters - (dense_parameters - prunable)
+    if "unstructured" in args.arms:
+        start = time.perf_counter()
+        sparsity = 1.0 - kept / prunable
+        pruned = fine_tune(
+            dense,
+            kprune.allocation.GlobalSparsity(pruning_schedule(sparsity, steps)),
+            x_train,
+            y_train,
+            args.finetune_epochs,
+            seed,
+        )
+        stripped = kprune.strip_pruning(pruned)
+        record(
+            {
+                **common,
+                "arm": "unstructured",
+                "sparsity_of_pruned_kernels": round(sparsity, 4),
+                "parameters": stripped.count_params(),
+                "nonzero_parameters": nonzero_parameters(stripped),
+                "accuracy": accuracy(stripped, x_test, y_test),
+                "seconds": round(
+                    time.perf_counter() - start + dense_seconds, 1
+                ),
+                "layer_sparsity": layer_sparsity(stripped),
+            }
+        )
+    if "unstructured-uniform" in args.arms:
+        # Every pruned kernel at the same sparsity s; kprune rounds the
+        # kept count per layer, so s is solved on those rounded counts.
+        start = time.perf_counter()
+        sizes = [r["parameters"] for r in report["weights"] if r["pruned"]]
+        sparsity, _ = uniform_sparsity(sizes, kept)
+        pruned = fine_tune(
+            dense,
+            pruning_schedule(sparsity, steps),
+            x_train,
+            y_train,
+            args.finetune_epochs,
+            seed,
+        )
+        stripped = kprune.strip_pruning(pruned)
+        record(
+            {
+                **common,
+                "arm": "unstructured-uniform",
+                "sparsity_of_pruned_kernels": round(sparsity, 6),
+                "target_parameters": target_parameters,
+                "parameters": stripped.count_params(),
+                "nonzero_parameters": nonzero_parameters(stripped),
+                "accuracy": accuracy(stripped, x_test, y_test),
+                "seconds": round(
+                    time.perf_counter() - start + dense_seconds, 1
+                ),
+                "layer_sparsity": layer_sparsity(stripped),
+            }
+        )
+    if "small dense" in args.arms:
+        small_dense_arm(target_parameters, common, args, data, seed, record)
+
+
+def structured_arm(
+    dense, common, dense_seconds, args, steps, data, seed, record
+):
+    (x_train, y_train), (x_test, y_test) = data
     start = time.perf_counter()
     pruned = fine_tune(
         dense,
@@ -202,35 +357,12 @@ def run_seed(seed, args, data, record):
         }
     )
 
-    start = time.perf_counter()
-    # The weights kprune would prune in the dense model are those
-    # `GlobalSparsity` ranks; everything else stays nonzero.
-    prunable = kprune.report.sparsity_report(dense)["pruned_total"][
-        "parameters"
-    ]
-    kept = target_parameters - (dense_parameters - prunable)
-    sparsity = 1.0 - kept / prunable
-    pruned = fine_tune(
-        dense,
-        kprune.allocation.GlobalSparsity(pruning_schedule(sparsity, steps)),
-        x_train,
-        y_train,
-        args.finetune_epochs,
-        seed,
-    )
-    stripped = kprune.strip_pruning(pruned)
-    record(
-        {
-            **common,
-            "arm": "unstructured",
-            "sparsity_of_pruned_kernels": round(sparsity, 4),
-            "parameters": stripped.count_params(),
-            "nonzero_parameters": nonzero_parameters(stripped),
-            "accuracy": accuracy(stripped, x_test, y_test),
-            "seconds": round(time.perf_counter() - start + dense_seconds, 1),
-        }
-    )
+    return target_parameters
 
+
+def small_dense_arm(target_parameters, common, args, data, seed, record):
+    (x_train, y_train), (x_test, y_test) = data
+    epochs = args.dense_epochs + args.finetune_epochs
     start = time.perf_counter()
     alpha, parameters = closest_alpha(target_parameters)
     keras.utils.set_random_seed(seed)
@@ -283,6 +415,11 @@ def summary(path, quick=False):
                 "unstructured (global magnitude), "
                 f"{mine[0]['sparsity_of_pruned_kernels']:.1%} of kernels"
             )
+        elif arm == "unstructured-uniform":
+            label = (
+                "unstructured (same sparsity per layer), "
+                f"{mine[0]['sparsity_of_pruned_kernels']:.1%} of each kernel"
+            )
         else:
             label = f"dense from scratch, alpha {mine[0]['alpha']}"
         accuracies = [r["accuracy"] for r in mine]
@@ -307,6 +444,20 @@ def main(argv=None):
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=[a.replace(" ", "-") for a in ARMS],
+        default=[a.replace(" ", "-") for a in DEFAULT_ARMS],
+        help="arms to run (default: structured unstructured small-dense); "
+        "unstructured-uniform: the same PolynomialDecay for every kernel",
+    )
+    parser.add_argument(
+        "--target-parameters",
+        type=int,
+        help="P, the nonzero parameters to match, when the structured arm "
+        "(which measures it) is not run",
+    )
+    parser.add_argument(
         "--out",
         default=str(
             pathlib.Path(__file__).with_name("equal_size_accuracy.jsonl")
@@ -318,6 +469,9 @@ def main(argv=None):
         help="print the markdown table of the latest run in --out",
     )
     args = parser.parse_args(argv)
+    args.arms = [a.replace("small-dense", "small dense") for a in args.arms]
+    if "structured" not in args.arms and args.target_parameters is None:
+        parser.error("--target-parameters is needed without the structured arm")
     if args.summary:
         print(summary(args.out, args.quick))
         return

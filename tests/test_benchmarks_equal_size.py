@@ -23,6 +23,7 @@ def test_equal_size_benchmark_matches_parameter_counts(equal_size, tmp_path):
     equal_size.main(["--quick", "--out", str(out)])
     rows = {r["arm"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"structured", "unstructured", "small dense"}
+    assert "layer_sparsity" in rows["unstructured"]
     structured = rows["structured"]
     target = structured["parameters"]
     assert target < structured["parameters_dense"]
@@ -44,3 +45,50 @@ def test_equal_size_benchmark_matches_parameter_counts(equal_size, tmp_path):
     assert "| structured 50%, shrunk | " in table
     assert f"alpha {small['alpha']}" in table
     assert "No full run" in equal_size.summary(str(out), quick=False)
+
+
+def test_uniform_sparsity_matches_kprune_kept_counts(equal_size):
+    from kprune import masking
+
+    sizes = [432, 288, 64, 1536, 12800, 143360, 7]
+    for sparsity in (0.0, 0.3, 0.7624, 0.999):
+        for size in sizes:
+            assert equal_size.kept_count(size, sparsity) == int(
+                masking.kept_count(size, sparsity)
+            )
+    for kept in (len(sizes), 1000, 40000, sum(sizes) - 3, sum(sizes)):
+        sparsity, total = equal_size.uniform_sparsity(sizes, kept)
+        assert total == sum(equal_size.kept_count(n, sparsity) for n in sizes)
+        # Every layer moves by at most one weight per step of `s`.
+        assert abs(total - kept) <= len(sizes)
+
+
+@pytest.mark.slow
+def test_equal_size_benchmark_uniform_arm(equal_size, tmp_path):
+    out = tmp_path / "equal_size.jsonl"
+    target = 200_000
+    equal_size.main(
+        [
+            "--quick",
+            "--arms",
+            "unstructured",
+            "unstructured-uniform",
+            "--target-parameters",
+            str(target),
+            "--out",
+            str(out),
+        ]
+    )
+    rows = {r["arm"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"unstructured", "unstructured-uniform"}
+    for row in rows.values():
+        assert abs(row["nonzero_parameters"] - target) <= 2
+        layers = row["layer_sparsity"]
+        assert layers["min"][1] <= layers["max"][1]
+        by_type = layers["by_type"]
+        assert sum(t["layers"] for t in by_type.values()) == 53
+    uniform = rows["unstructured-uniform"]["layer_sparsity"]
+    # The same target in every layer: rounding apart, one sparsity.
+    assert uniform["max"][1] - uniform["min"][1] < 0.01
+    table = equal_size.summary(str(out), quick=True)
+    assert "same sparsity per layer" in table
