@@ -268,23 +268,18 @@ def run_seed(seed, args, data, record):
     report = kprune.report.sparsity_report(dense)
     prunable = report["pruned_total"]["parameters"]
     kept = target_parameters - (dense_parameters - prunable)
-    if "unstructured" in args.arms:
-        start = time.perf_counter()
-        sparsity = 1.0 - kept / prunable
+
+    def unstructured_arm(arm, schedule, sparsity, start, digits, **extra):
         pruned = fine_tune(
-            dense,
-            kprune.allocation.GlobalSparsity(pruning_schedule(sparsity, steps)),
-            x_train,
-            y_train,
-            args.finetune_epochs,
-            seed,
+            dense, schedule, x_train, y_train, args.finetune_epochs, seed
         )
         stripped = kprune.strip_pruning(pruned)
         record(
             {
                 **common,
-                "arm": "unstructured",
-                "sparsity_of_pruned_kernels": round(sparsity, 4),
+                "arm": arm,
+                "sparsity_of_pruned_kernels": round(sparsity, digits),
+                **extra,
                 "parameters": stripped.count_params(),
                 "nonzero_parameters": nonzero_parameters(stripped),
                 "accuracy": accuracy(stripped, x_test, y_test),
@@ -294,35 +289,27 @@ def run_seed(seed, args, data, record):
                 "layer_sparsity": layer_sparsity(stripped),
             }
         )
+
+    if "unstructured" in args.arms:
+        start = time.perf_counter()
+        sparsity = 1.0 - kept / prunable
+        schedule = kprune.allocation.GlobalSparsity(
+            pruning_schedule(sparsity, steps)
+        )
+        unstructured_arm("unstructured", schedule, sparsity, start, 4)
     if "unstructured-uniform" in args.arms:
         # Every pruned kernel at the same sparsity s; kprune rounds the
         # kept count per layer, so s is solved on those rounded counts.
         start = time.perf_counter()
         sizes = [r["parameters"] for r in report["weights"] if r["pruned"]]
         sparsity, _ = uniform_sparsity(sizes, kept)
-        pruned = fine_tune(
-            dense,
+        unstructured_arm(
+            "unstructured-uniform",
             pruning_schedule(sparsity, steps),
-            x_train,
-            y_train,
-            args.finetune_epochs,
-            seed,
-        )
-        stripped = kprune.strip_pruning(pruned)
-        record(
-            {
-                **common,
-                "arm": "unstructured-uniform",
-                "sparsity_of_pruned_kernels": round(sparsity, 6),
-                "target_parameters": target_parameters,
-                "parameters": stripped.count_params(),
-                "nonzero_parameters": nonzero_parameters(stripped),
-                "accuracy": accuracy(stripped, x_test, y_test),
-                "seconds": round(
-                    time.perf_counter() - start + dense_seconds, 1
-                ),
-                "layer_sparsity": layer_sparsity(stripped),
-            }
+            sparsity,
+            start,
+            6,
+            target_parameters=target_parameters,
         )
     if "small dense" in args.arms:
         small_dense_arm(target_parameters, common, args, data, seed, record)
