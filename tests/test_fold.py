@@ -66,13 +66,7 @@ def test_every_batch_norm_of_resnet50_folds():
 # test_structured_graphs.py); ResNet50 above covers folding there.
 @(pytest.mark.slow if keras.backend.backend() == "jax" else lambda f: f)
 def test_shrunk_mobilenetv2_folds_and_keeps_the_pruned_function():
-    model = keras.applications.MobileNetV2(
-        weights=None,
-        input_shape=(32, 32, 3),
-        alpha=0.35,
-        classes=10,
-        classifier_activation=None,
-    )
+    model = testing.small_mobilenetv2()
     pruned = testing.prune_at_once(randomize_batch_norms(model))
     small = kprune.structured.shrink_model(pruned)
     folded = kprune.structured.fold_batchnorm(small)
@@ -85,13 +79,7 @@ def test_shrunk_mobilenetv2_folds_and_keeps_the_pruned_function():
 
 
 def test_unpruned_mobilenetv2_folds_every_batch_norm():
-    model = keras.applications.MobileNetV2(
-        weights=None,
-        input_shape=(32, 32, 3),
-        alpha=0.35,
-        classes=10,
-        classifier_activation=None,
-    )
+    model = testing.small_mobilenetv2()
     randomize_batch_norms(model)
     folded = kprune.structured.fold_batchnorm(model)
     assert batch_norms(folded) == []

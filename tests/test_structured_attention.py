@@ -19,9 +19,10 @@ keras_hub = pytest.importorskip("keras_hub")
 VOCABULARY, LENGTH, HIDDEN, HEADS, FFN = 50, 8, 16, 4, 32
 
 
-def bert(num_layers=2):
+def small_backbone(cls, num_layers):
+    """A keras-hub backbone of the small sizes above, seeded."""
     keras.utils.set_random_seed(0)
-    return keras_hub.models.BertBackbone(
+    return cls(
         vocabulary_size=VOCABULARY,
         num_layers=num_layers,
         num_heads=HEADS,
@@ -29,6 +30,10 @@ def bert(num_layers=2):
         intermediate_dim=FFN,
         max_sequence_length=LENGTH,
     )
+
+
+def bert(num_layers=2):
+    return small_backbone(keras_hub.models.BertBackbone, num_layers)
 
 
 def bert_inputs(batch=4, seed=0):
@@ -70,15 +75,7 @@ def mask(pruned, path):
 
 
 def gpt2(num_layers=2):
-    keras.utils.set_random_seed(0)
-    return keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=num_layers,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FFN,
-        max_sequence_length=LENGTH,
-    )
+    return small_backbone(keras_hub.models.GPT2Backbone, num_layers)
 
 
 def gpt2_inputs(batch=4, length=LENGTH, seed=0):

@@ -146,13 +146,7 @@ def test_a_depthwise_convolution_with_depth_multiplier_2_is_refused():
 # inverted residual test above runs the same rules fast there.
 @(pytest.mark.slow if keras.backend.backend() == "jax" else lambda f: f)
 def test_mobilenetv2_loses_channels_in_expand_depthwise_and_project_layers():
-    model = keras.applications.MobileNetV2(
-        weights=None,
-        input_shape=(32, 32, 3),
-        alpha=0.35,
-        classes=10,
-        classifier_activation=None,
-    )
+    model = testing.small_mobilenetv2()
     pruned = testing.prune_at_once(randomize_batch_norms(model), 0.5)
     plan = kprune.structured_plan(pruned)
     depthwise = [

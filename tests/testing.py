@@ -169,3 +169,15 @@ def prune_at_once(model, sparsity=0.5):
             keras.ops.where(mask, keras.ops.convert_to_tensor(weight), 0.0)
         )
     return pruned
+
+
+def small_mobilenetv2():
+    """keras.applications MobileNetV2 at alpha 0.35 on 32x32 inputs, 10
+    logits: the real inverted residual graph, fast enough for a test."""
+    return keras.applications.MobileNetV2(
+        weights=None,
+        input_shape=(32, 32, 3),
+        alpha=0.35,
+        classes=10,
+        classifier_activation=None,
+    )
