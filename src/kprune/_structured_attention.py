@@ -40,7 +40,6 @@ import contextlib
 import inspect
 
 import keras
-import numpy as np
 from keras import layers as L
 
 from kprune import _keras_internals
@@ -316,18 +315,15 @@ class _ResizedBlock(L.Layer):
 
 def _clone(operation, name, inner, plan, kept):
     """A copy of `operation` for the rebuilt model, resized by `plan`."""
-    config = operation.get_config()
     if not isinstance(operation, L.Layer):
         # A `keras.ops` call: a fresh operation with a fresh name.
+        config = operation.get_config()
         config.pop("name", None)
         try:
             return type(operation).from_config(config)
         except Exception:  # an op that cannot be re-created: share it
             return operation
-    for layout, set_size in plan.resizes.get(name, ()):
-        keep = kept(layout)
-        if keep is not None:
-            set_size(config, len(keep))
+    config = structured._shrunk_config(plan, name, operation, kept)
     if inner:
         # The block's layers join the model's graph: their names must be
         # unique in it, and may not contain "/".
@@ -421,14 +417,6 @@ def rebuild(model, plan, kept):
     outputs = tree.map_structure(lambda t: tensors[id(t)], model.output)
     small = keras.Model(inputs, outputs, name=model.name)
     for name, old, new in copies:
-        if not isinstance(old, L.Layer) or not old.weights:
-            continue
-        values = [keras.ops.convert_to_numpy(w) for w in old.weights]
-        for s in plan.slices.get(name, ()):
-            keep = kept(s.layout)
-            weight = structured._weight(old, s.attribute)
-            for i, w in enumerate(old.weights):
-                if w is weight and keep is not None:
-                    values[i] = np.take(values[i], keep, axis=s.axis)
-        new.set_weights(values)
+        if isinstance(old, L.Layer) and old.weights:
+            new.set_weights(structured._shrunk_weights(plan, name, old, kept))
     return small

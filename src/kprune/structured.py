@@ -1258,28 +1258,43 @@ def shrink_model(model):
         return _structured_attention.rebuild(stripped, plan, kept)
 
     def clone(layer):
-        config = layer.get_config()
-        for layout, set_size in plan.resizes.get(layer.name, ()):
-            keep = kept(layout)
-            if keep is not None:
-                set_size(config, len(keep))
+        config = _shrunk_config(plan, layer.name, layer, kept)
         return layer.__class__.from_config(config)
 
     small = keras.models.clone_model(
         stripped, clone_function=clone, recursive=True
     )
     for old in stripped.layers:
-        if not old.weights:
-            continue
-        values = [ops.convert_to_numpy(w) for w in old.weights]
-        for s in plan.slices.get(old.name, ()):
-            keep = kept(s.layout)
-            weight = _weight(old, s.attribute)
-            for i, w in enumerate(old.weights):
-                if w is weight and keep is not None:
-                    values[i] = np.take(values[i], keep, axis=s.axis)
-        small.get_layer(old.name).set_weights(values)
+        if old.weights:
+            small.get_layer(old.name).set_weights(
+                _shrunk_weights(plan, old.name, old, kept)
+            )
     return small
+
+
+def _shrunk_config(plan, name, layer, kept):
+    """`layer`'s config, edited to keep the channels `kept(layout)` keeps
+    of each layout `plan` resizes it for (layer `name` in the plan)."""
+    config = layer.get_config()
+    for layout, set_size in plan.resizes.get(name, ()):
+        keep = kept(layout)
+        if keep is not None:
+            set_size(config, len(keep))
+    return config
+
+
+def _shrunk_weights(plan, name, layer, kept):
+    """The values of `layer`'s weights, each sliced to the channels
+    `kept(layout)` keeps along the axes `plan` slices (layer `name` in the
+    plan)."""
+    values = [ops.convert_to_numpy(w) for w in layer.weights]
+    for s in plan.slices.get(name, ()):
+        keep = kept(s.layout)
+        weight = _weight(layer, s.attribute)
+        for i, w in enumerate(layer.weights):
+            if w is weight and keep is not None:
+                values[i] = np.take(values[i], keep, axis=s.axis)
+    return values
 
 
 # Layers a following BatchNormalization folds into, with the weight that
@@ -1313,11 +1328,9 @@ def _keras_class(layer, classes):
     return None
 
 
-def _fold_pairs(model):
-    """`{BatchNormalization name: the layer it folds into}` for `model`."""
-    graph = _graph(model)
-    if graph is None:
-        return {}
+def _fold_pairs(graph):
+    """`{BatchNormalization name: the layer it folds into}` for a model's
+    `_graph`."""
     _, calls, outputs = graph
     readers = collections.Counter(id(t) for t in outputs)
     maker = {}
@@ -1434,20 +1447,22 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
         raise ValueError(
             f"Argument `model` must be a Keras model. Received: {model!r}"
         )
-    if collect_pruned_layers(model):
+    wrappers = collect_pruned_layers(model)
+    if wrappers:
         raise ValueError(
             "Argument `model` still holds pruning wrappers, whose weights "
             "are masked at every call. Call `kprune.strip_pruning(model)` "
             "or `kprune.structured.shrink_model(model)` first. Received: "
-            f"a model with {len(collect_pruned_layers(model))} wrappers"
+            f"a model with {len(wrappers)} wrappers"
         )
-    if _graph(model) is None:
+    graph = _graph(model)
+    if graph is None:
         raise ValueError(
             "Argument `model` must be a Sequential or functional model with "
             "known inputs (call it once, or start it with `keras.Input`); a "
             f"subclassed model has no graph to fold. Received: {model!r}"
         )
-    pairs = _fold_pairs(model)
+    pairs = _fold_pairs(graph)
     producers = {p.name: model.get_layer(bn) for bn, p in pairs.items()}
 
     def clone(layer):
