@@ -177,3 +177,46 @@ def test_a_pruning_step_computes_its_loss_with_the_new_masks(run_eagerly):
     np.testing.assert_allclose(
         history.history["loss"][0], with_new_masks, rtol=1e-5
     )
+
+
+def _graph_operations(function, *specs):
+    import tensorflow as tf
+
+    graph = tf.function(function).get_concrete_function(*specs).graph
+    graph_def = graph.as_graph_def()
+    return len(graph_def.node) + sum(
+        len(f.node_def) for f in graph_def.library.function
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the traced graph of TensorFlow's training step",
+)
+def test_weights_of_one_shape_share_one_traced_mask_update():
+    # TensorFlow holds memory for every operation of the training step's
+    # graph: a mask update is over a hundred of them, and another layer
+    # of a shape already seen must not add them again.
+    import tensorflow as tf
+
+    def step_operations(depth):
+        model = keras.Sequential(
+            [keras.Input((16,))] + [layers.Dense(16) for _ in range(depth)]
+        )
+        model = kprune.prune_low_magnitude(
+            model, kprune.ConstantSparsity(0.5, 0, frequency=1)
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        callback = kprune.UpdatePruningStep()
+        callback.set_model(model)
+        callback.on_train_begin()
+        return _graph_operations(
+            lambda x, y: model.train_step((x, y)),
+            tf.TensorSpec((4, 16)),
+            tf.TensorSpec((4, 16)),
+        )
+
+    mask_update = _graph_operations(
+        masking.magnitude_mask, tf.TensorSpec((16, 16)), tf.TensorSpec(())
+    )
+    assert step_operations(3) - step_operations(2) < mask_update

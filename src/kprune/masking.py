@@ -468,6 +468,36 @@ def m_by_n_mask(weights, m_by_n, axis=-2):
     return keep, threshold
 
 
+def _one_graph_per_shape(fn):
+    """`fn(weights, sparsity, ...)`, traced once per weight shape and
+    options when called inside a TensorFlow graph.
+
+    Inside a compiled training step TensorFlow keeps heap memory for each
+    operation of the step's graph for as long as the step function lives
+    (about 20 KiB each, benchmarks/README.md), and traces each of them. A
+    mask update is 100 to 300 operations; models repeat weight shapes
+    (the blocks of a transformer or a ResNet), and as its own
+    `tf.function` one traced graph serves every weight of a shape. Other
+    backends, and eager calls, run `fn` itself.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    traced = tf.function(fn, autograph=False)
+
+    @functools.wraps(fn)
+    def call(weights, sparsity, *args, **kwargs):
+        if not tf.inside_function():
+            return fn(weights, sparsity, *args, **kwargs)
+        # A tensor, so that each sparsity does not trace again.
+        sparsity = ops.cast(sparsity, "float32")
+        return traced(weights, sparsity, *args, **kwargs)
+
+    return call
+
+
+@_one_graph_per_shape
 def compute_mask(
     weights,
     sparsity,
