@@ -14,8 +14,8 @@ library too, so its import is not counted as pruning memory. Run it through
 `benchmarks/bench.sh`. `--collect` runs Python's full garbage collection
 before training (in both arms): the input model that
 `model = prune_low_magnitude(model)` drops is held by Keras's reference
-cycles until the next full collection, which in the runs measured tracing
-TensorFlow's step triggered and JAX's did not (benchmarks/README.md).
+cycles until the next full collection, which in the runs measured came
+during `fit` on TensorFlow and not on JAX (benchmarks/README.md).
 """
 
 import argparse
