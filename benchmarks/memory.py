@@ -11,10 +11,15 @@ TensorFlow). Peak memory counts only
 within one process, so each configuration runs in its own: compare a pruned
 run with the plain run of the same Keras. Plain runs import the pruning
 library too, so its import is not counted as pruning memory. Run it through
-`benchmarks/bench.sh`.
+`benchmarks/bench.sh`. `--collect` runs Python's full garbage collection
+before training (in both arms): the input model that
+`model = prune_low_magnitude(model)` drops is held by Keras's reference
+cycles until the next full collection, which in the runs measured came
+during `fit` on TensorFlow and not on JAX (benchmarks/README.md).
 """
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -25,6 +30,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--library", choices=["kprune", "tfmot"], required=True)
 parser.add_argument("--plain", action="store_true")
 parser.add_argument("--width", type=int, default=4096)
+parser.add_argument("--collect", action="store_true")
 args = parser.parse_args()
 
 if args.library == "tfmot":
@@ -73,6 +79,8 @@ if not args.plain:
     )
     model = sparsity.prune_low_magnitude(model, pruning_schedule=schedule)
     callbacks.append(sparsity.UpdatePruningStep())
+if args.collect:
+    gc.collect()
 model.compile(
     optimizer="adam",
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -94,6 +102,7 @@ print(
         {
             "bench": "memory",
             "library": "keras" if args.plain else args.library,
+            "collect": args.collect,
             "flavour": "tf_keras" if args.library == "tfmot" else "keras3",
             "params": params,
             "pruned_weights": pruned,
