@@ -193,15 +193,15 @@ def _graph_operations(function, *specs):
     keras.backend.backend() != "tensorflow",
     reason="the traced graph of TensorFlow's training step",
 )
-def test_weights_of_one_shape_share_one_traced_mask_update():
+def test_another_pruned_layer_does_not_add_a_mask_update_to_the_graph():
     # TensorFlow holds memory for every operation of the training step's
     # graph: a mask update is over a hundred of them, and another layer
-    # of a shape already seen must not add them again.
+    # must not add them again, of a shape already seen or not.
     import tensorflow as tf
 
-    def step_operations(depth):
+    def step_operations(widths):
         model = keras.Sequential(
-            [keras.Input((16,))] + [layers.Dense(16) for _ in range(depth)]
+            [keras.Input((16,))] + [layers.Dense(w) for w in widths]
         )
         model = kprune.prune_low_magnitude(
             model, kprune.ConstantSparsity(0.5, 0, frequency=1)
@@ -213,10 +213,12 @@ def test_weights_of_one_shape_share_one_traced_mask_update():
         return _graph_operations(
             lambda x, y: model.train_step((x, y)),
             tf.TensorSpec((4, 16)),
-            tf.TensorSpec((4, 16)),
+            tf.TensorSpec((4, widths[-1])),
         )
 
     mask_update = _graph_operations(
         masking.magnitude_mask, tf.TensorSpec((16, 16)), tf.TensorSpec(())
     )
-    assert step_operations(3) - step_operations(2) < mask_update
+    two = step_operations([16, 16])
+    assert step_operations([16, 16, 16]) - two < mask_update
+    assert step_operations([16, 24, 16]) - two < mask_update

@@ -145,3 +145,28 @@ def test_masks_are_identical_under_xla():
     )
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(as_np(a), as_np(b))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="TensorFlow traces one mask function for tensors of any length",
+)
+def test_masks_in_a_traced_graph_are_exact_whatever_the_length():
+    # Inside a graph, tensors of up to 2^20 entries share a traced
+    # function of 1-D tensors of unknown length: one for 11-bit digits,
+    # one for 16-bit ones (600x800 entries).
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    traced = tf.function(masking.magnitude_mask)
+    for shape in [(7,), (3, 5), (300, 40), (600, 800)]:
+        weights = rng.normal(size=shape).astype("float32")
+        tied = np.round(weights * 2) / 2
+        for w in (weights, tied):
+            for sparsity in (0.0, 0.3, 0.9):
+                mask, threshold = traced(tf.constant(w), tf.constant(sparsity))
+                assert mask.shape == shape
+                expected = reference_magnitude_mask(w, sparsity)
+                np.testing.assert_array_equal(mask.numpy(), expected)
+                assert float(threshold) == np.abs(w)[expected].min()
+    assert len(masking._ANY_LENGTH) == 2

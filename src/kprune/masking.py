@@ -146,6 +146,9 @@ def _fold_chunks(values, fn, init):
     A tensor of one chunk is folded from `None` (`init` is not called, so
     the graph holds no unused initial value)."""
     size = values.shape[0]
+    if size is None:
+        # A tensor of any size, which the caller keeps to one chunk.
+        return fn(None, values, 0)
     full, rest = divmod(size, _CHUNK)
     if full <= 1:
         return fn(None, values, 0)
@@ -162,7 +165,14 @@ def _fold_chunks(values, fn, init):
 
 def _keys(scores):
     """Non-negative float32 scores as int32 keys that order alike."""
-    return ops.view(ops.cast(scores, "float32"), "int32")
+    scores = ops.cast(scores, "float32")
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Keras's `view` on TensorFlow needs a static last dimension, which
+        # `_any_length`'s traced function has not.
+        return tf.bitcast(scores, tf.int32)
+    return ops.view(scores, "int32")
 
 
 def _count_digits(counts, chunk, start, keys_of, shift, base, buckets):
@@ -180,7 +190,7 @@ def _count_digits(counts, chunk, start, keys_of, shift, base, buckets):
     return histogram if counts is None else counts + histogram
 
 
-def _select_kth_largest(values, keys_of, k, total_bits=31):
+def _select_kth_largest(values, keys_of, k, total_bits=31, size=None):
     """Radix select: the `k`-th largest score of 1-D `values`.
 
     Each pass reads the values once, in chunks, and histograms the next
@@ -194,6 +204,8 @@ def _select_kth_largest(values, keys_of, k, total_bits=31):
         k: Scalar int32 tensor, `1 <= k <= len(values)`.
         total_bits: Python int, the key width: keys are in
             `[0, 2**total_bits)`.
+        size: Python int that picks the digit widths, by default
+            `len(values)` (needed when that is not known while tracing).
 
     Returns:
         A tuple `(key, rank, ties)` of scalar int32 tensors: the key of the
@@ -204,7 +216,8 @@ def _select_kth_largest(values, keys_of, k, total_bits=31):
     prefix = None
     rank = ops.cast(k, "int32")
     shift = total_bits
-    for index, width in enumerate(_digit_widths(total_bits, values.shape[0])):
+    size = values.shape[0] if size is None else size
+    for index, width in enumerate(_digit_widths(total_bits, size)):
         shift -= width
         buckets = 1 << width
 
@@ -258,7 +271,7 @@ def _prefix_mask(size, last):
     return ops.reshape(grid, (size,))
 
 
-def _top_k(values, score, compare, k):
+def _top_k(values, score, compare, k, size=None):
     """The mask of the `k` largest scores of 1-D `values` (see
     `top_k_mask`).
 
@@ -270,8 +283,12 @@ def _top_k(values, score, compare, k):
             comparison (`"above"`, `"at_least"` or `"equal"`) to the boolean
             tensor of the entries whose score compares so.
         k: Scalar int32 tensor, `1 <= k <= len(values)`.
+        size: `None`, or when `values` has no static length (a traced
+            function of any length, at most `_CHUNK`), a length of the same
+            digit widths (`_digit_widths`).
     """
-    size = values.shape[0]
+    if size is None:
+        size = values.shape[0]
     if size <= _CHUNK:
         # Small enough to hold: compute the keys once, and compare keys.
         values = _keys(score(values))
@@ -282,7 +299,7 @@ def _top_k(values, score, compare, k):
         def keys_of(chunk):
             return _keys(score(chunk))
 
-    key, rank, ties = _select_kth_largest(values, keys_of, k)
+    key, rank, ties = _select_kth_largest(values, keys_of, k, size=size)
     bound = key if size <= _CHUNK else ops.view(key, "float32")
 
     def keep_all_ties():
@@ -375,10 +392,51 @@ def magnitude_mask(weights, sparsity):
         smallest kept magnitude.
     """
     flat = ops.reshape(ops.cast(weights, "float32"), (-1,))
-    keep, threshold = _top_k(
-        flat, ops.abs, _compare_magnitudes, kept_count(flat.shape[0], sparsity)
-    )
+    k = kept_count(flat.shape[0], sparsity)
+    if flat.shape[0] <= _CHUNK:
+        keep, threshold = _any_length(flat, k)
+    else:
+        keep, threshold = _top_k(flat, ops.abs, _compare_magnitudes, k)
     return ops.reshape(keep, weights.shape), threshold
+
+
+def _magnitude_top_k(size, flat, k):
+    return _top_k(flat, ops.abs, _compare_magnitudes, k, size=size)
+
+
+# On TensorFlow, the magnitude masks of tensors of up to `_CHUNK` entries,
+# as `tf.function`s of 1-D tensors of any length: one per digit widths.
+_ANY_LENGTH = {}
+
+
+def _any_length(flat, k):
+    """`_top_k` of the magnitudes of 1-D `flat` (at most `_CHUNK` entries).
+
+    Inside a TensorFlow graph, one traced function serves every length
+    of the same digit widths: each operation of a training step's graph
+    holds memory for as long as the step function lives, and a model's
+    weights come in many shapes (benchmarks/README.md). Elsewhere, and
+    eagerly, it is `_top_k` itself.
+    """
+    size = flat.shape[0]
+    if keras.backend.backend() != "tensorflow":
+        return _magnitude_top_k(size, flat, k)
+    import tensorflow as tf
+
+    if not tf.inside_function():
+        return _magnitude_top_k(size, flat, k)
+    # The smallest length of each digit width.
+    size = _WIDE_DIGITS_FROM if size >= _WIDE_DIGITS_FROM else 1
+    if size not in _ANY_LENGTH:
+        _ANY_LENGTH[size] = tf.function(
+            functools.partial(_magnitude_top_k, size),
+            input_signature=[
+                tf.TensorSpec([None], "float32"),
+                tf.TensorSpec([], "int32"),
+            ],
+            autograph=False,
+        )
+    return _ANY_LENGTH[size](flat, ops.cast(k, "int32"))
 
 
 def _block_scores(weights, block_size, pooling_type):
