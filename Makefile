@@ -10,30 +10,41 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# JAX and torch, about a third of the install: only for test-all and for
+# a target run with KERAS_BACKEND=jax or torch.
+$(VENV)/.backends: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev,backends]"
 	touch $@
 
-demo: $(VENV)/.installed
+# What a target needs to run on the backend KERAS_BACKEND names
+# (TensorFlow when unset).
+ON_BACKEND := $(VENV)/.installed \
+	$(if $(filter jax torch,$(KERAS_BACKEND)),$(VENV)/.backends)
+
+demo: $(ON_BACKEND)
 	$(PY) examples/prune_fashion_mnist.py
 
 # The fast suite (no slow tests, a few minutes); the backend comes from
 # KERAS_BACKEND (tensorflow when unset). PYTEST_ARGS="-m slow" runs the slow
 # tests only, PYTEST_ARGS="-m ''" all of them.
-test: $(VENV)/.installed
+test: $(ON_BACKEND)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Every test, slow ones included, on each backend (what CI runs).
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.backends
 	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
 	KERAS_BACKEND=jax $(PY) -m pytest $(PYTEST_ARGS)
 	KERAS_BACKEND=torch $(PY) -m pytest $(PYTEST_ARGS)
 
 # Speed and memory vs tfmot 0.8.1 and plain Keras (about 20 minutes; the
 # full run about an hour). Tables: benchmarks/README.md.
-bench: $(VENV)/.installed
+bench: $(ON_BACKEND)
 	bash benchmarks/bench.sh
 
-bench-full: $(VENV)/.installed
+bench-full: $(ON_BACKEND)
 	bash benchmarks/bench.sh --full
 
 # Dense vs structured-pruned CPU latency, Keras and LiteRT, for ResNet50,
@@ -51,7 +62,7 @@ bench-latency: $(VENV)/.installed
 # MobileNetV2): structured-pruned and shrunk vs unstructured vs a narrower
 # dense model, 3 seeds (issue 13; 20 to 36 minutes on 2 busy cores;
 # BENCH_ARGS=--quick for a smoke run). Table: benchmarks/README.md.
-bench-equal-size: $(VENV)/.installed
+bench-equal-size: $(ON_BACKEND)
 	$(PY) benchmarks/equal_size_accuracy.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed

@@ -111,8 +111,8 @@ def test_global_sparsity_reaches_the_target_overall_while_training():
         assert np.all(values[~keras.ops.convert_to_numpy(m)] == 0)
     stripped = kprune.strip_pruning(pruned)
     np.testing.assert_allclose(
-        stripped.predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        testing.inference(stripped, x),
+        testing.inference(pruned, x),
         rtol=1e-5,
         atol=1e-6,
     )

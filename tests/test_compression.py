@@ -19,6 +19,7 @@ from kprune.compression import read_compact
 from testing import classification_data
 from testing import compile_classifier
 from testing import fit_pruned
+from testing import inference
 from testing import mlp
 from testing import small_cnn
 
@@ -75,8 +76,8 @@ def test_loaded_model_predicts_like_the_pruned_model(tmp_path):
     kprune.save_compact(pruned, path)
     x, _ = classification_data(n=8, shape=(8, 8, 1))
     np.testing.assert_array_equal(
-        kprune.load_compact(path).predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        inference(kprune.load_compact(path), x),
+        inference(pruned, x),
     )
 
 

@@ -12,6 +12,7 @@ import kprune
 from testing import classification_data
 from testing import compile_classifier
 from testing import fit_pruned
+from testing import inference
 from testing import mlp
 from testing import requires_tensorflow
 from testing import small_cnn
@@ -65,7 +66,7 @@ def test_litert_file_predicts_like_the_keras_model(tmp_path):
     kprune.export_litert(pruned, path)
     x, _ = classification_data(n=16, shape=(8, 8, 1))
     np.testing.assert_allclose(
-        run_litert(path, x), pruned.predict(x, verbose=0), atol=1e-5
+        run_litert(path, x), inference(pruned, x), atol=1e-5
     )
 
 
@@ -78,7 +79,7 @@ def test_dynamic_range_litert_file_predicts_close_to_the_keras_model(
     path = tmp_path / "model.tflite"
     kprune.export_litert(pruned, path, quantize="dynamic_range")
     x, _ = classification_data(n=16, shape=(8, 8, 1))
-    expected = pruned.predict(x, verbose=0)
+    expected = inference(pruned, x)
     actual = run_litert(path, x)
     assert np.max(np.abs(actual - expected)) < 0.05 * np.max(np.abs(expected))
 
@@ -104,7 +105,7 @@ def test_sparse_litert_file_is_smaller_than_the_dense_export(tmp_path):
     assert os.path.getsize(sparse_path) < 0.5 * os.path.getsize(dense_path)
     x, _ = classification_data(n=4, shape=(256,))
     np.testing.assert_allclose(
-        run_litert(sparse_path, x), model.predict(x, verbose=0), atol=1e-5
+        run_litert(sparse_path, x), inference(model, x), atol=1e-5
     )
 
 
@@ -119,7 +120,7 @@ def test_sparse_dynamic_range_file_is_smaller_and_runs(tmp_path):
     )
     assert os.path.getsize(int8_path) < 0.6 * os.path.getsize(float_path)
     x, _ = classification_data(n=4, shape=(256,))
-    expected = model.predict(x, verbose=0)
+    expected = inference(model, x)
     actual = run_litert(int8_path, x)
     assert np.max(np.abs(actual - expected)) < 0.05 * np.max(np.abs(expected))
 
@@ -174,7 +175,7 @@ def test_litert_file_zips_no_larger_than_the_tutorials_conversion(
     assert zipped_size(path) <= zipped_size(plain_path) + 64
     # And the default XNNPACK delegate runs it.
     x = np.random.default_rng(0).random((4, 28, 28), np.float32)
-    expected = model.predict(x, verbose=0)
+    expected = inference(model, x)
     actual = run_litert(path, x, default_delegates=True)
     assert np.max(np.abs(actual - expected)) < 0.05 * np.max(np.abs(expected))
 
@@ -341,7 +342,7 @@ def test_sparse_export_follows_xnnpack_sparse_inference_rules(tmp_path, size):
         assert np.mean(values[op[1][1]] == 0) > 2 / 3
     x = np.random.default_rng(0).random((2, size, size, 3), np.float32)
     np.testing.assert_allclose(
-        run_litert(path, x), model.predict(x, verbose=0), atol=1e-5
+        run_litert(path, x), inference(model, x), atol=1e-5
     )
 
 

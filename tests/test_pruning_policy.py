@@ -10,6 +10,7 @@ import pytest
 from keras import layers
 
 import kprune
+from testing import inference
 from testing import requires_tensorflow
 
 POLICY = kprune.PruneForLatencyOnXNNPack
@@ -211,9 +212,7 @@ def test_sparse_tflite_file_densifies_exactly_the_1x1_convolutions(
     actual = interpreter.get_tensor(
         interpreter.get_output_details()[0]["index"]
     )
-    np.testing.assert_allclose(
-        actual, stripped.predict(x[:4], verbose=0), atol=1e-4
-    )
+    np.testing.assert_allclose(actual, inference(stripped, x[:4]), atol=1e-4)
 
 
 # Models XNNPACK cannot run sparse: each is refused, naming the layer.
@@ -434,14 +433,14 @@ def test_refused_model_is_left_unchanged():
     before = [layer for layer in model._flatten_layers()]
     weights = [np.copy(w) for w in model.get_weights()]
     x = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
-    expected = model.predict(x, verbose=0)
+    expected = inference(model, x)
     with pytest.raises(ValueError):
         prune(model)
     assert [layer for layer in model._flatten_layers()] == before
     assert not wrapped_names(model)
     for old, new in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(old, new)
-    np.testing.assert_allclose(model.predict(x, verbose=0), expected)
+    np.testing.assert_allclose(inference(model, x), expected)
 
 
 def test_subclassed_model_is_refused():

@@ -130,9 +130,13 @@ def test_tie_path_is_identical_under_xla(size):
     def compiled(w, s):
         return masking.magnitude_mask(w, s)
 
+    # A tensor sparsity, as training passes it: one XLA compilation for
+    # every case (a Python float would retrace for each value).
     for weights in (tied, distinct):
         for sparsity in (0.0, 0.45, 0.99):
-            mask, threshold = compiled(tf.constant(weights), sparsity)
+            mask, threshold = compiled(
+                tf.constant(weights), tf.constant(sparsity)
+            )
             expected = reference_magnitude_mask(weights, sparsity)
             np.testing.assert_array_equal(as_np(mask), expected)
             assert float(threshold) == np.abs(weights)[expected].min()

@@ -37,12 +37,22 @@ def train(model, x, y, epochs=2):
     return model
 
 
-def test_structured_pruning_masks_whole_units_and_what_reads_them():
+@pytest.fixture(scope="module")
+def trained_conv_bn():
+    """`conv_bn_model` trained at structured sparsity 0.5, and its inputs:
+    one fit that the tests below only read."""
     keras.utils.set_random_seed(0)
     x, y = testing.classification_data(n=16, shape=(8, 8, 2))
     pruned = train(
         kprune.prune_low_magnitude(conv_bn_model(), structured(0.5)), x, y
     )
+    return pruned, x
+
+
+def test_structured_pruning_masks_whole_units_and_what_reads_them(
+    trained_conv_bn,
+):
+    pruned, _ = trained_conv_bn
     masks = {
         w.layer.name: keras.ops.convert_to_numpy(w.pruning_vars[0][1])
         for w in collect_pruned_layers(pruned)
@@ -95,17 +105,15 @@ def test_units_are_ranked_by_the_chosen_norm():
         assert np.flatnonzero(mask.any(axis=0)).tolist() == [kept], norm
 
 
-def test_shrink_model_gives_the_same_predictions_with_fewer_parameters():
-    keras.utils.set_random_seed(1)
-    x, y = testing.classification_data(n=16, shape=(8, 8, 2))
-    pruned = train(
-        kprune.prune_low_magnitude(conv_bn_model(), structured(0.5)), x, y
-    )
+def test_shrink_model_gives_the_same_predictions_with_fewer_parameters(
+    trained_conv_bn,
+):
+    pruned, x = trained_conv_bn
     small = kprune.shrink_model(pruned)
     assert not collect_pruned_layers(small)
     np.testing.assert_allclose(
-        small.predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        testing.inference(small, x),
+        testing.inference(pruned, x),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -137,8 +145,8 @@ def test_shrink_model_saves_and_loads_as_a_plain_model(tmp_path):
     small.save(tmp_path / "small.keras")
     reloaded = keras.saving.load_model(tmp_path / "small.keras")
     np.testing.assert_allclose(
-        reloaded.predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        testing.inference(reloaded, x),
+        testing.inference(pruned, x),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -183,8 +191,8 @@ def test_residual_branches_lose_the_same_units():
         3 * 3 + 3
     )
     np.testing.assert_allclose(
-        small.predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        testing.inference(small, x),
+        testing.inference(pruned, x),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -215,8 +223,8 @@ def test_conv_residual_block_with_batch_norm_shrinks_consistently():
         assert small.get_layer(name).filters == 4
     assert small.get_layer("bn1").gamma.shape == (4,)
     np.testing.assert_allclose(
-        small.predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        testing.inference(small, x),
+        testing.inference(pruned, x),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -252,8 +260,8 @@ def test_conv_to_global_pooling_to_dense_and_conv1d_shrink():
     assert small.get_layer("c").filters == 3
     assert small.count_params() == (3 * 3 * 3 + 3) + (3 * 4 + 4)
     np.testing.assert_allclose(
-        small.predict(x, verbose=0),
-        pruned.predict(x, verbose=0),
+        testing.inference(small, x),
+        testing.inference(pruned, x),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -290,7 +298,7 @@ def test_a_layer_read_by_two_branches_shrinks_for_both():
     assert small.get_layer("shared").units == 4
     assert small.count_params() == (6 * 4 + 4) + (4 * 3 + 3) + (4 * 2 + 2)
     for got, want in zip(
-        small.predict(x, verbose=0), pruned.predict(x, verbose=0)
+        testing.inference(small, x), testing.inference(pruned, x)
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -120,6 +120,13 @@ def fit_pruned(model, x, y, epochs=1, batch_size=4, callbacks=(), **kwargs):
     )
 
 
+def inference(model, x):
+    """`model`'s outputs on `x` in inference mode, as NumPy, from one eager
+    call: what `predict` computes, without tracing a function per model."""
+    outputs = model(x, training=False)
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
+
+
 def tiny_gpt2():
     """A keras-hub `GPT2CausalLM` of a few hundred weights, built offline
     (vocabulary of 8 tokens, 2 blocks of width 8)."""
