@@ -880,7 +880,14 @@ def _rewrite_padding(model, kept, depthwise_5x5):
     """A functional copy of `model` with strided padding made symmetric
     where that keeps the function; `kept` collects why other strided
     layers are left as they are."""
-    graph = keras.Model(model.inputs, model.outputs, name=model.name)
+    # A model of one input stays callable on a tensor, as the user's model
+    # is (`model.input` is not defined for a nested model never called on
+    # its own).
+    inputs, outputs = (
+        tensors[0] if len(tensors) == 1 else tensors
+        for tensors in (model.inputs, model.outputs)
+    )
+    graph = keras.Model(inputs, outputs, name=model.name)
     _, calls, _ = _graph_of(graph)
     uses = collections.Counter(op.name for op, _, _ in calls)
     operations = {op.name: op for op in graph.operations}
@@ -997,7 +1004,7 @@ def _rewrite_padding(model, kept, depthwise_5x5):
         lambda t: keras.Input(
             batch_shape=t.shape, dtype=t.dtype, name=input_names.get(id(t))
         ),
-        graph.inputs,
+        graph.input,
     )
     new = keras.models.clone_model(
         graph,
