@@ -171,7 +171,8 @@ SWEEP = {
         stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
         stackwise_strides=[1, 2],
         stackwise_block_types=["fused", "unfused"],
-        num_features=16,
+        # Not `num_features`: keras-hub 0.32 leaves it out of `get_config`,
+        # so a saved backbone loads with the default 1280 and fails.
         input_shape=IMAGE,
     ),
     "MoonshineBackbone": dict(
@@ -311,7 +312,10 @@ def _pooled_head(model):
         inputs = like(model.input, None)
     pooled = []
     for t in keras.tree.flatten(model(inputs)):
-        if "float" in keras.backend.standardize_dtype(t.dtype):
+        # Features only: Moonshine also returns its float attention mask,
+        # of unknown width.
+        dtype = keras.backend.standardize_dtype(t.dtype)
+        if "float" in dtype and t.shape[-1] is not None:
             if len(t.shape) > 2:
                 t = keras.layers.Reshape((-1, t.shape[-1]))(t)
                 t = keras.layers.GlobalAveragePooling1D()(t)
