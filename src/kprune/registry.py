@@ -24,6 +24,7 @@ A layer is, for pruning, one of:
 import keras
 
 from kprune._keras_internals import flatten_layers
+from kprune._keras_internals import layer_attributes
 from kprune._keras_internals import own_variables
 from kprune._keras_internals import sublayers
 from kprune.api_export import kprune_export
@@ -439,8 +440,8 @@ def _sublayer_weight_names(layer) -> list:
     """Dotted names (`"query_dense.kernel"`) of the weights kprune prunes in
     the sublayers that `layer` holds as attributes."""
     names, seen = [], set()
-    for attribute, value in vars(layer).items():
-        if not isinstance(value, keras.layers.Layer) or id(value) in seen:
+    for attribute, value in layer_attributes(layer).items():
+        if id(value) in seen:
             continue
         seen.add(id(value))
         if supports_custom(value) or status(value) != PRUNABLE:
