@@ -13,9 +13,9 @@ A layer is, for pruning, one of:
   for each prunable weight of every sublayer inside it.
 - nothing to prune: normalization scales, attention scales, fixed
   spectrogram kernels, preprocessing state, or no weights at all. Weights
-  that are vectors (biases, scales, learned tokens) or buffers kept out of
-  training (position ids) are never pruned, so a layer holding only
-  these, besides its sublayers, needs no description either.
+  that are vectors (biases, scales, learned tokens, position ids) are never
+  pruned, so a layer holding only these, besides its sublayers, needs no
+  description either.
 - rejected: layers whose weights belong to another framework, which no
   Keras optimizer constraint can reach.
 - unknown: a layer with weights of its own that nobody has described.
@@ -298,24 +298,18 @@ def _own_weights(layer) -> list:
     return [w for w in layer.weights if id(w) not in inner]
 
 
-def _never_pruned(layer, weight) -> bool:
-    """Whether `weight`, held by `layer` itself, is not worth pruning
+def _never_pruned(weight) -> bool:
+    """Whether `weight`, held by a layer itself, is not worth pruning
     whatever its layer: a vector (at most one axis longer than 1: a bias,
-    a scale, a learned class or mask token, per-head attention sinks), or
-    a buffer the layer keeps out of training (position ids, rotary
-    frequencies), which the optimizer kprune prunes through never updates.
-    A frozen layer's weights are all non-trainable, so for it only vectors
-    count.
-    """
-    if sum(dim != 1 for dim in weight.shape) <= 1:
-        return True
-    return layer.trainable and not weight.trainable
+    a scale, a learned class or mask token, per-head attention sinks,
+    position ids, rotary frequencies)."""
+    return sum(dim != 1 for dim in weight.shape) <= 1
 
 
 def _undescribed_weights(layer) -> list:
     """`layer`'s own weights that may be worth pruning, which only a
     registration can tell."""
-    return [w for w in _own_weights(layer) if not _never_pruned(layer, w)]
+    return [w for w in _own_weights(layer) if not _never_pruned(w)]
 
 
 def _status_and_culprit(layer):
