@@ -2,8 +2,14 @@
 
 kprune knows keras-hub's own layers by their qualified class names, without
 importing keras-hub: position embeddings are pruned, normalization scales
-are kept dense. Tiny models are built from configs (no downloads).
+are kept dense. Tiny models are built from configs (no downloads). The
+backbones of the sweep in docs/layers.md ("keras-hub models") are here too:
+each trains to its target, strips and saves, or fails naming the
+registration that makes it work.
 """
+
+import ast
+import re
 
 import keras
 import numpy as np
@@ -12,6 +18,7 @@ import pytest
 import kprune
 from kprune import registry
 from kprune.wrapper import collect_pruned_layers
+from testing import reference_kept
 from testing import slow_except
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -41,9 +48,215 @@ BACKBONES = {
     "MistralBackbone": DECODER,
     "LlamaBackbone": DECODER,
 }
-# Weights worth pruning: embeddings, attention projections, FFN kernels.
-# Biases and normalization weights (gamma, beta, scale) are not.
-PRUNED_NAMES = ("kernel", "embeddings", "reverse_embeddings")
+# More backbones, from the sweep in docs/layers.md ("keras-hub models"):
+# text decoders (mixtures of experts among them), encoders, seq2seq, vision
+# and audio models. Each prunes, trains, strips and saves unregistered.
+IMAGE = (16, 16, 3)
+SWEEP = {
+    "QwenBackbone": DECODER,
+    "Qwen3Backbone": {**DECODER, "head_dim": 4},
+    "QwenMoeBackbone": {
+        **DECODER,
+        "moe_intermediate_dim": 8,
+        "shared_expert_intermediate_dim": 16,
+        "num_experts": 4,
+        "top_k": 2,
+    },
+    "Qwen3MoeBackbone": {
+        **DECODER,
+        "head_dim": 4,
+        "moe_intermediate_dim": 8,
+        "num_experts": 4,
+        "top_k": 2,
+    },
+    "MixtralBackbone": {**DECODER, "num_experts": 4, "top_k": 2},
+    "GptOssBackbone": {**DECODER, "num_experts": 4, "top_k": 2, "head_dim": 4},
+    "Phi3Backbone": DECODER,
+    "Gemma3Backbone": {**DECODER, "head_dim": 4, "image_size": 16},
+    "FalconBackbone": dict(
+        vocabulary_size=20,
+        num_layers=1,
+        num_attention_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+    ),
+    "OPTBackbone": TEXT,
+    "BloomBackbone": {
+        k: v for k, v in TEXT.items() if k != "max_sequence_length"
+    },
+    # Its rotary embedding covers a quarter of each head: 4 of 16.
+    "GPTNeoXBackbone": {**TEXT, "hidden_dim": 16},
+    "AlbertBackbone": {**TEXT, "embedding_dim": 4},
+    "DebertaV3Backbone": {**TEXT, "bucket_size": 4},
+    "XLMRobertaBackbone": TEXT,
+    "FNetBackbone": {k: v for k, v in TEXT.items() if k != "num_heads"},
+    "RoformerV2Backbone": {
+        **{k: v for k, v in TEXT.items() if k != "max_sequence_length"},
+        "head_size": 4,
+    },
+    "BartBackbone": TEXT,
+    "ViTBackbone": dict(
+        image_shape=IMAGE,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+    ),
+    "CLIPVisionEncoder": dict(
+        image_shape=IMAGE,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+    ),
+    "SigLIPVisionEncoder": dict(
+        image_shape=IMAGE,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+    ),
+    "MobileNetBackbone": dict(
+        stackwise_expansion=[[16], [24]],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_filters=[[8], [8]],
+        stackwise_kernel_size=[[3], [3]],
+        stackwise_num_strides=[[2], [1]],
+        stackwise_se_ratio=[[None], [0.25]],
+        stackwise_activation=[["relu"], ["hard_swish"]],
+        stackwise_padding=[[1], [1]],
+        output_num_filters=16,
+        input_num_filters=8,
+        depthwise_filters=8,
+        depthwise_stride=2,
+        depthwise_residual=False,
+        squeeze_and_excite=0.5,
+        last_layer_filter=16,
+        image_shape=(32, 32, 3),
+    ),
+    "XceptionBackbone": dict(
+        stackwise_conv_filters=[[8, 8], [16, 16]],
+        stackwise_pooling=[False, True],
+        image_shape=(32, 32, 3),
+    ),
+    "ResNetBackbone": dict(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 64],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2],
+        block_type="basic_block",
+        image_shape=IMAGE,
+    ),
+    "CSPNetBackbone": dict(
+        stem_filters=8,
+        stem_kernel_size=3,
+        stem_strides=1,
+        stackwise_depth=[1, 1],
+        stackwise_strides=[1, 2],
+        stackwise_num_filters=[8, 16],
+        block_type="dark_block",
+        stage_type="dark",
+        image_shape=IMAGE,
+    ),
+    # The first block's squeeze-excite convs are made but never called.
+    "EfficientNetBackbone": dict(
+        stackwise_width_coefficients=[1.0, 1.0],
+        stackwise_depth_coefficients=[1.0, 1.0],
+        stackwise_kernel_sizes=[3, 3],
+        stackwise_num_repeats=[1, 1],
+        stackwise_input_filters=[8, 8],
+        stackwise_output_filters=[8, 16],
+        stackwise_expansion_ratios=[1, 4],
+        stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
+        stackwise_strides=[1, 2],
+        stackwise_block_types=["fused", "unfused"],
+        # Not `num_features`: keras-hub 0.32 leaves it out of `get_config`,
+        # so a saved backbone loads with the default 1280 and fails.
+        input_shape=IMAGE,
+    ),
+    "MoonshineBackbone": dict(
+        vocabulary_size=20,
+        filter_dim=8,
+        encoder_num_layers=1,
+        decoder_num_layers=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        encoder_num_heads=2,
+        decoder_num_heads=2,
+    ),
+    "WhisperBackbone": {
+        **{k: v for k, v in TEXT.items() if k != "max_sequence_length"},
+        "num_mels": 8,
+        "max_encoder_sequence_length": 16,
+        "max_decoder_sequence_length": 8,
+    },
+}
+# Input lengths the config fixes (Whisper's encoder reads all its frames).
+LENGTHS = {
+    "WhisperBackbone": {"encoder_features": 16},
+    # Raw audio, down-sampled 384 times by Moonshine's convolutions.
+    "MoonshineBackbone": {
+        "encoder_input_values": 2048,
+        "encoder_padding_mask": 2048,
+    },
+}
+# Their own weights include matrices that may or may not be worth pruning
+# (position embeddings, relative position biases, XLNet's segment
+# encodings): pruning them fails, naming a registration to make.
+UNDESCRIBED = {
+    "DeiTBackbone": dict(
+        image_shape=IMAGE,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+    ),
+    "DINOV2Backbone": dict(
+        patch_size=4,
+        num_layers=1,
+        hidden_dim=8,
+        num_heads=2,
+        intermediate_dim=16,
+        image_shape=IMAGE,
+        position_embedding_shape=IMAGE,
+    ),
+    "SwinTransformerBackbone": dict(
+        image_shape=IMAGE,
+        embed_dim=8,
+        depths=[1],
+        num_heads=[2],
+        window_size=2,
+        patch_size=2,
+    ),
+    "T5Backbone": {
+        **{k: v for k, v in TEXT.items() if k != "max_sequence_length"},
+        "key_value_dim": 4,
+    },
+    "XLNetBackbone": {
+        k: v for k, v in TEXT.items() if k != "max_sequence_length"
+    },
+}
+# Weights worth pruning: embeddings, attention projections, FFN kernels
+# (one slice per expert in mixtures of experts). Biases and normalization
+# weights (gamma, beta, scale), class tokens and buffers are not.
+PRUNED_NAMES = (
+    "kernel",
+    "depthwise_kernel",
+    "pointwise_kernel",
+    "embeddings",
+    "reverse_embeddings",
+    "rel_embedding",  # DeBERTa's relative position embeddings
+    "expert_feedforward_gate_dense",
+    "expert_feedforward_intermediate_dense",
+    "expert_feedforward_output_dense",
+    "gate_up_proj",
+    "down_proj",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -60,15 +273,66 @@ def _no_registration(monkeypatch):
     )
 
 
-def _inputs(backbone):
+def _build(name):
+    config = {**BACKBONES, **SWEEP, **UNDESCRIBED}[name]
+    return getattr(keras_hub.models, name)(**config)
+
+
+def _inputs(backbone, lengths=None):
+    """A batch of 4 for any backbone: token ids in [1, 20), padding masks
+    of ones, segment ids of zeros, images and audio features at random;
+    unknown lengths are 8 unless `lengths` says otherwise."""
     rng = np.random.default_rng(0)
-    x = {
-        "token_ids": rng.integers(1, 20, size=(4, 8)).astype("int32"),
-        "padding_mask": np.ones((4, 8), "int32"),
-    }
-    if "segment_ids" in backbone.input:
-        x["segment_ids"] = np.zeros((4, 8), "int32")
-    return x
+    lengths = lengths or {}
+
+    def fill(name, spec):
+        shape = [4] + [d or lengths.get(name, 8) for d in spec.shape[1:]]
+        dtype = keras.backend.standardize_dtype(spec.dtype)
+        if "mask" in name:
+            return np.ones(shape, dtype)
+        if "segment" in name:
+            return np.zeros(shape, dtype)
+        if "int" in dtype:
+            return rng.integers(1, 20, size=shape).astype(dtype)
+        return rng.normal(size=shape).astype(dtype)
+
+    if isinstance(backbone.input, dict):
+        return {k: fill(k, v) for k, v in backbone.input.items()}
+    return fill(backbone.input.name, backbone.input)
+
+
+def _pooled_head(model):
+    """`model` with a mean-pooled dense head over all its float outputs,
+    so that every weight gets a gradient (the optimizer prunes only the
+    weights it updates)."""
+
+    def like(spec, name):
+        return keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=name)
+
+    if isinstance(model.input, dict):
+        inputs = {k: like(v, k) for k, v in model.input.items()}
+    else:
+        inputs = like(model.input, None)
+    pooled = []
+    for t in keras.tree.flatten(model(inputs)):
+        # Features only: Moonshine also returns its float attention mask,
+        # of unknown width.
+        dtype = keras.backend.standardize_dtype(t.dtype)
+        if "float" in dtype and t.shape[-1] is not None:
+            if len(t.shape) > 2:
+                t = keras.layers.Reshape((-1, t.shape[-1]))(t)
+                t = keras.layers.GlobalAveragePooling1D()(t)
+            pooled.append(t)
+    if len(pooled) > 1:
+        pooled = [keras.layers.Concatenate()(pooled)]
+    return keras.Model(inputs, keras.layers.Dense(1)(pooled[0]))
+
+
+def _outputs(model, x):
+    return [
+        keras.ops.convert_to_numpy(t)
+        for t in keras.tree.flatten(model(x, training=False))
+    ]
 
 
 def _worth_pruning(model):
@@ -77,9 +341,9 @@ def _worth_pruning(model):
     )
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", sorted(BACKBONES) + sorted(SWEEP))
 def test_backbone_layers_are_known_without_registration(name):
-    backbone = getattr(keras_hub.models, name)(**BACKBONES[name])
+    backbone = _build(name)
     assert registry.status(backbone) == registry.PRUNABLE
     pruned = sorted({w.path for w in registry.get_prunable_weights(backbone)})
     assert pruned == _worth_pruning(backbone)
@@ -90,7 +354,7 @@ def test_backbone_layers_are_known_without_registration(name):
     slow_except("BertBackbone", sorted(set(BACKBONES) - {"LlamaBackbone"})),
 )
 def test_backbone_prunes_its_embeddings_attention_and_ffn_only(name):
-    backbone = getattr(keras_hub.models, name)(**BACKBONES[name])
+    backbone = _build(name)
     x = _inputs(backbone)
     expected = backbone.predict(x, verbose=0)
     pruned = kprune.prune_low_magnitude(backbone)
@@ -204,3 +468,114 @@ def test_masked_lm_head_prunes_its_kernels_not_the_shared_embedding(tied):
     if not tied:
         expected.append("head/output_kernel")
     assert paths == expected
+
+
+@pytest.mark.parametrize(
+    "name", slow_except("RoformerV2Backbone", sorted(SWEEP))
+)
+def test_backbone_trains_to_target_strips_and_saves(name, tmp_path):
+    backbone = _build(name)
+    x = _inputs(backbone, LENGTHS.get(name))
+    pruned = kprune.prune_low_magnitude(
+        backbone, kprune.ConstantSparsity(0.5, 0, frequency=1)
+    )
+    model = _pooled_head(pruned)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(
+        x,
+        np.ones((4, 1), "float32"),
+        batch_size=2,
+        epochs=1,
+        verbose=0,
+        callbacks=[kprune.UpdatePruningStep()],
+    )
+    wrapped = [
+        (w, keras.ops.convert_to_numpy(w), keras.ops.convert_to_numpy(m))
+        for wrapper in collect_pruned_layers(pruned)
+        for w, m, _ in wrapper.pruning_vars
+    ]
+    assert len(wrapped) == len(_worth_pruning(backbone))
+    for variable, weight, mask in wrapped:
+        if variable.trainable:
+            assert mask.sum() == reference_kept(weight.size, 0.5)
+            assert np.count_nonzero(weight[~mask]) == 0
+        else:
+            # A frozen layer (Whisper's sinusoidal position embedding)
+            # keeps its weights: the optimizer never updates them.
+            assert mask.all()
+
+    expected = _outputs(pruned, x)
+    stripped = kprune.strip_pruning(pruned)
+    assert not collect_pruned_layers(stripped)
+    for a, b in zip(_outputs(stripped, x), expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    stripped.save(tmp_path / "stripped.keras")
+    loaded = keras.saving.load_model(tmp_path / "stripped.keras")
+    for a, b in zip(_outputs(loaded, x), expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Pruned with an unstructured schedule, no layer is structured.
+    assert kprune.structured.structured_plan(pruned) == {}
+
+
+@pytest.mark.parametrize(
+    "name", slow_except("RoformerV2Backbone", sorted(SWEEP))
+)
+def test_structured_plan_explains_every_backbone_layer_it_keeps(name):
+    pruned = kprune.prune_low_magnitude(
+        _build(name),
+        kprune.structured.StructuredSparsity(kprune.ConstantSparsity(0.5, 0)),
+    )
+    plan = kprune.structured.structured_plan(pruned)
+    names = {w.layer.name for w in collect_pruned_layers(pruned)}
+    assert names <= set(plan)
+    for reason in plan.values():
+        assert reason is None or (isinstance(reason, str) and reason)
+
+
+@pytest.mark.parametrize("name", sorted(UNDESCRIBED))
+def test_undescribed_weights_fail_naming_a_registration_that_works(name):
+    backbone = _build(name)
+    before = [keras.ops.convert_to_numpy(w) for w in backbone.weights]
+    with pytest.raises(ValueError) as error:
+        kprune.prune_low_magnitude(backbone)
+    for a, w in zip(before, backbone.weights, strict=True):
+        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(w))
+        assert w.constraint is None
+    # The user copies the registrations the messages suggest, one class
+    # at a time.
+    classes = {type(layer).__name__: type(layer) for layer in _layers(backbone)}
+    message, dotted = str(error.value), []
+    for _ in range(5):
+        found = re.search(
+            r"register_prunable_layer\((\w+), (\[[^]]*\])\)", message
+        )
+        names = ast.literal_eval(found[2])
+        dotted += [n for n in names if "." in n]
+        kprune.register_prunable_layer(classes[found[1]], names)
+        try:
+            pruned = kprune.prune_low_magnitude(backbone)
+            break
+        except ValueError as next_error:
+            message = str(next_error)
+            missing = re.search(r"has no weight '(\w+)'", message)
+            if missing:
+                # T5: only the first attention layer of a stack owns the
+                # relative position bias; the others say so, and the user
+                # drops that name.
+                names.remove(missing[1])
+                kprune.register_prunable_layer(classes[found[1]], names)
+                pruned = kprune.prune_low_magnitude(backbone)
+                break
+    pruned_paths = {
+        w.path
+        for wrapper in collect_pruned_layers(pruned)
+        for w, _, _ in wrapper.pruning_vars
+    }
+    # The suggested registrations keep the sublayers' kernels pruned.
+    assert dotted
+    kernels = {p for p in _worth_pruning(backbone) if p.endswith("kernel")}
+    assert kernels <= pruned_paths
+
+
+def _layers(model):
+    return model._flatten_layers(include_self=False)

@@ -453,7 +453,8 @@ def test_unknown_layer_error_lists_its_real_weight_names():
         kprune.prune_low_magnitude(model)
     message = str(error.value)
     assert "`table` (4, 3), `scale` (3,)" in message
-    assert "register_prunable_layer(ThirdParty, ['table', 'scale'])" in message
+    # A vector such as `scale` is never pruned, so it is not suggested.
+    assert "register_prunable_layer(ThirdParty, ['table'])" in message
     assert "'kernel'" not in message
 
 
@@ -470,3 +471,61 @@ def test_registered_name_that_is_not_a_weight_lists_the_real_ones():
     layer.build((None, 4))
     with pytest.raises(ValueError, match=r"no weight 'kernel'.*\['table'\]"):
         registry.get_prunable_weights(layer)
+
+
+class _Embedder(layers.Layer):
+    """A patch embedding as vision transformers write it: a kernel in a
+    sublayer, a learned class token, a bias and a non-trainable row of
+    position ids held by the layer itself."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.projection = layers.Dense(4, name="projection")
+
+    def build(self, shape):
+        self.projection.build(shape)
+        self.class_token = self.add_weight(shape=(1, 1, 4))
+        self.bias = self.add_weight(shape=(4,), initializer="zeros")
+        self.position_ids = self.add_weight(
+            shape=(1, 3), initializer="zeros", trainable=False
+        )
+
+    def call(self, x):
+        token = keras.ops.broadcast_to(
+            self.class_token, (keras.ops.shape(x)[0], 1, 4)
+        )
+        return keras.ops.concatenate([token, self.projection(x)], 1) + (
+            self.bias
+        )
+
+
+def test_vectors_of_a_layer_need_no_registration():
+    model = keras.Sequential([keras.Input((3, 5)), _Embedder(name="embed")])
+    assert registry.status(model.layers[0]) == registry.PRUNABLE
+    pruned = kprune.prune_low_magnitude(model)
+    (wrapper,) = collect_pruned_layers(pruned)
+    assert [w for w, _, _ in wrapper.pruning_vars] == [
+        wrapper.layer.projection.kernel
+    ]
+
+
+def test_unknown_weight_next_to_sublayers_names_their_weights_too():
+    # A registration replaces kprune's choice for the whole layer, so the
+    # suggested one keeps the sublayer's kernel pruned.
+    class Table(_Embedder):
+        def build(self, shape):
+            super().build(shape)
+            self.table = self.add_weight(shape=(3, 4))
+
+    model = keras.Sequential([keras.Input((3, 5)), Table(name="embed")])
+    suggested = "register_prunable_layer(Table, ['table', 'projection.kernel'])"
+    with pytest.raises(ValueError) as error:
+        kprune.prune_low_magnitude(model)
+    assert suggested in str(error.value)
+    kprune.register_prunable_layer(Table, ["table", "projection.kernel"])
+    pruned = kprune.prune_low_magnitude(model)
+    (wrapper,) = collect_pruned_layers(pruned)
+    assert [w for w, _, _ in wrapper.pruning_vars] == [
+        wrapper.layer.table,
+        wrapper.layer.projection.kernel,
+    ]

@@ -628,21 +628,23 @@ def test_pruning_a_pruned_model_again_keeps_one_wrapper_per_layer():
 
 
 def test_layers_the_policy_skips_need_not_be_prunable():
-    class Scale(keras.layers.Layer):
+    class Mix(keras.layers.Layer):
+        # A matrix of its own: kprune cannot tell whether to prune it (a
+        # vector, such as a scale, it would keep dense).
         def build(self, input_shape):
-            self.scale = self.add_weight(
-                shape=(input_shape[-1],), initializer="ones"
+            self.mix = self.add_weight(
+                shape=(input_shape[-1], input_shape[-1]), initializer="ones"
             )
 
         def call(self, x):
-            return x * self.scale
+            return x @ self.mix
 
     i = keras.Input((8, 8, 3))
     x = layers.Conv2D(16, 1, name="pointwise")(stem(i, filters=16))
     x = layers.Flatten()(layers.GlobalAveragePooling2D(keepdims=True)(x))
-    model = functional(i, Scale()(x))
+    model = functional(i, Mix()(x))
     with pytest.raises(ValueError):
-        kprune.prune_low_magnitude(model)  # kprune cannot prune `Scale`
+        kprune.prune_low_magnitude(model)  # kprune cannot prune `Mix`
     assert wrapped_names(prune(model)) == ["pointwise"]
 
 

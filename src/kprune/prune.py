@@ -553,7 +553,16 @@ def _prune_graph_model(model, selection):
         pairs.append((layer, new))
         return new
 
-    pruned = _clone_graph_model(model, clone)
+    try:
+        pruned = _clone_graph_model(model, clone)
+    except Exception:
+        # A layer its config cannot rebuild is wrapped as it is, and its
+        # wrapper, once built, constrained its weights: the input model
+        # must come back unchanged when a later layer fails.
+        for old, new in pairs:
+            if isinstance(new, PruneLowMagnitude) and new.layer is old:
+                _restore_constraints(new)
+        raise
     _copy_weights(pairs)
     _warn_shared(pairs)
     return pruned
@@ -915,11 +924,16 @@ def _unwrap(wrapper):
     """The wrapped layer, with its weights masked and own constraints."""
     layer = wrapper.layer
     layer.set_weights(wrapper.masked_layer_weights())
+    _restore_constraints(wrapper)
+    return layer
+
+
+def _restore_constraints(wrapper):
+    """Gives the wrapped weights back their own constraints."""
     for weight, _, _ in wrapper.pruning_vars:
         constraint = weight.constraint
         if isinstance(constraint, _PruningConstraint):
             weight.constraint = constraint.original
-    return layer
 
 
 def _strip_subclassed(model):

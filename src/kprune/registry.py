@@ -12,7 +12,10 @@ A layer is, for pruning, one of:
   unknown. A container is pruned as one unit: one wrapper, one step, a mask
   for each prunable weight of every sublayer inside it.
 - nothing to prune: normalization scales, attention scales, fixed
-  spectrogram kernels, preprocessing state, or no weights at all.
+  spectrogram kernels, preprocessing state, or no weights at all. Weights
+  that are vectors (biases, scales, learned tokens, position ids) are never
+  pruned, so a layer holding only these, besides its sublayers, needs no
+  description either.
 - rejected: layers whose weights belong to another framework, which no
   Keras optimizer constraint can reach.
 - unknown: a layer with weights of its own that nobody has described.
@@ -21,6 +24,7 @@ A layer is, for pruning, one of:
 import keras
 
 from kprune._keras_internals import flatten_layers
+from kprune._keras_internals import layer_attributes
 from kprune._keras_internals import own_variables
 from kprune._keras_internals import sublayers
 from kprune.api_export import kprune_export
@@ -75,6 +79,28 @@ _PRUNABLE_BY_NAME = {
     ),
     _KERAS_HUB + "models.deberta_v3.relative_embedding.RelativeEmbedding": (
         "rel_embeddings",
+    ),
+    # Mixture-of-experts FFN kernels, one slice per expert, held as plain
+    # weights (their biases are not pruned).
+    **{
+        _KERAS_HUB + name: (
+            "_expert_feedforward_gate_dense",
+            "_expert_feedforward_output_dense",
+        )
+        for name in (
+            "models.qwen_moe.qwen_moe_decoder.QwenMoeExperts",
+            "models.qwen3_moe.qwen3_moe_decoder.Qwen3MoeExperts",
+            "models.qwen3_5_moe.qwen3_5_moe_decoder.Qwen3_5MoeExperts",
+        )
+    },
+    _KERAS_HUB + "models.mixtral.mixtral_decoder.MixtralMoeExperts": (
+        "_expert_feedforward_gate_dense",
+        "_expert_feedforward_intermediate_dense",
+        "_expert_feedforward_output_dense",
+    ),
+    _KERAS_HUB + "models.gpt_oss.gpt_oss_decoder.GptOssExperts": (
+        "gate_up_proj",
+        "down_proj",
     ),
     # Normalization scales.
     **{
@@ -272,6 +298,20 @@ def _own_weights(layer) -> list:
     return [w for w in layer.weights if id(w) not in inner]
 
 
+def _never_pruned(weight) -> bool:
+    """Whether `weight`, held by a layer itself, is not worth pruning
+    whatever its layer: a vector (at most one axis longer than 1: a bias,
+    a scale, a learned class or mask token, per-head attention sinks,
+    position ids, rotary frequencies)."""
+    return sum(dim != 1 for dim in weight.shape) <= 1
+
+
+def _undescribed_weights(layer) -> list:
+    """`layer`'s own weights that may be worth pruning, which only a
+    registration can tell."""
+    return [w for w in _own_weights(layer) if not _never_pruned(w)]
+
+
 def _status_and_culprit(layer):
     """`(status, layer to blame when unknown or rejected)`."""
     if supports_custom(layer) or _registered_names(layer):
@@ -294,7 +334,7 @@ def _status_and_culprit(layer):
         ):
             return UNKNOWN, layer
         return NOTHING_TO_PRUNE, None
-    if not known_container and _own_weights(layer):
+    if not known_container and _undescribed_weights(layer):
         return UNKNOWN, layer
     statuses = [_status_and_culprit(sub) for sub in sublayers(layer)]
     for status, culprit in statuses:
@@ -349,12 +389,33 @@ def unsupported_layer_error(layer) -> ValueError:
             for attribute, weight in attributes
         )
         weights = f"has weights of its own ({listed}), but"
-        example = [attribute for attribute, _ in attributes]
+        if not culprit.built:
+            # keras-hub's SmolLM3 rotary embedding makes its buffer in
+            # `__init__` and is never built.
+            weights = (
+                f"has weights of its own ({listed}) and is not built "
+                "(its own `build` may make more), so"
+            )
+        inner = _sublayer_weight_names(culprit)
+        undescribed = {id(w) for w in _undescribed_weights(culprit)}
+        example = [
+            attribute
+            for attribute, weight in attributes
+            if id(weight) in undescribed
+        ] + inner
         build = ""
     else:
         weights = "is not built yet, so"
         example = ["<its weight attributes>"]
+        inner = []
         build = " Build it first (call it on an input) to see its weights."
+    keep = "keep the names of the weights worth pruning"
+    if inner:
+        # A registration replaces kprune's choice for the whole layer.
+        keep += (
+            ", its sublayers' included: the dotted names are those kprune "
+            "prunes in them, and without them they stay dense"
+        )
     return ValueError(
         f"Layer {culprit.name!r} of class {name}{inside} {weights} kprune "
         "does not know which of them to prune. Make it prunable either by "
@@ -362,11 +423,28 @@ def unsupported_layer_error(layer) -> ValueError:
         "prune from `get_prunable_weights()`, or, for a class you cannot "
         "edit, with "
         f"`kprune.registry.register_prunable_layer({name}, {example!r})` "
-        "(keep the names of the weights worth pruning; `[]` keeps it "
-        f"dense).{build} Or leave it out of pruning: choose the layers with "
+        f"({keep}; `[]` keeps it dense).{build} Or leave it out of "
+        "pruning: choose the layers with "
         "the `layers=` argument of `kprune.prune_low_magnitude`, or with "
         "`keras.models.clone_model` and a `clone_function`."
     )
+
+
+def _sublayer_weight_names(layer) -> list:
+    """Dotted names (`"query_dense.kernel"`) of the weights kprune prunes in
+    the sublayers that `layer` holds as attributes."""
+    names, seen = [], set()
+    for attribute, value in layer_attributes(layer).items():
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if supports_custom(value) or status(value) != PRUNABLE:
+            continue
+        inner = _registered_names(value)
+        if inner is None:
+            inner = _sublayer_weight_names(value)
+        names.extend(f"{attribute}.{name}" for name in inner)
+    return names
 
 
 def weight_attributes(layer) -> list:
@@ -436,6 +514,10 @@ def get_prunable_weights(layer) -> list:
         return []
     weights, seen = [], set()
     for sub in sublayers(layer):
+        if not sub.built and not sub.weights:
+            # Never called by its built parent (keras-hub's EfficientNet
+            # blocks make a squeeze-excite conv they skip at ratio 0).
+            continue
         for weight in get_prunable_weights(sub):
             if id(weight) not in seen:
                 seen.add(id(weight))
