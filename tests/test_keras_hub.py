@@ -39,6 +39,14 @@ DECODER = dict(
     hidden_dim=8,
     intermediate_dim=16,
 )
+
+
+def without(config, *names):
+    return {k: v for k, v in config.items() if k not in names}
+
+
+# Text models that take inputs of any length.
+TEXT_ANY_LENGTH = without(TEXT, "max_sequence_length")
 BACKBONES = {
     "BertBackbone": TEXT,
     "GPT2Backbone": TEXT,
@@ -52,6 +60,14 @@ BACKBONES = {
 # text decoders (mixtures of experts among them), encoders, seq2seq, vision
 # and audio models. Each prunes, trains, strips and saves unregistered.
 IMAGE = (16, 16, 3)
+VISION = dict(
+    image_shape=IMAGE,
+    patch_size=4,
+    num_layers=1,
+    num_heads=2,
+    hidden_dim=8,
+    intermediate_dim=16,
+)
 SWEEP = {
     "QwenBackbone": DECODER,
     "Qwen3Backbone": {**DECODER, "head_dim": 4},
@@ -81,44 +97,21 @@ SWEEP = {
         intermediate_dim=16,
     ),
     "OPTBackbone": TEXT,
-    "BloomBackbone": {
-        k: v for k, v in TEXT.items() if k != "max_sequence_length"
-    },
+    "BloomBackbone": TEXT_ANY_LENGTH,
     # Its rotary embedding covers a quarter of each head: 4 of 16.
     "GPTNeoXBackbone": {**TEXT, "hidden_dim": 16},
     "AlbertBackbone": {**TEXT, "embedding_dim": 4},
     "DebertaV3Backbone": {**TEXT, "bucket_size": 4},
     "XLMRobertaBackbone": TEXT,
-    "FNetBackbone": {k: v for k, v in TEXT.items() if k != "num_heads"},
+    "FNetBackbone": without(TEXT, "num_heads"),
     "RoformerV2Backbone": {
-        **{k: v for k, v in TEXT.items() if k != "max_sequence_length"},
+        **TEXT_ANY_LENGTH,
         "head_size": 4,
     },
     "BartBackbone": TEXT,
-    "ViTBackbone": dict(
-        image_shape=IMAGE,
-        patch_size=4,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        mlp_dim=16,
-    ),
-    "CLIPVisionEncoder": dict(
-        image_shape=IMAGE,
-        patch_size=4,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-    ),
-    "SigLIPVisionEncoder": dict(
-        image_shape=IMAGE,
-        patch_size=4,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-    ),
+    "ViTBackbone": {**without(VISION, "intermediate_dim"), "mlp_dim": 16},
+    "CLIPVisionEncoder": VISION,
+    "SigLIPVisionEncoder": VISION,
     "MobileNetBackbone": dict(
         stackwise_expansion=[[16], [24]],
         stackwise_num_blocks=[1, 1],
@@ -189,7 +182,7 @@ SWEEP = {
         decoder_num_heads=2,
     ),
     "WhisperBackbone": {
-        **{k: v for k, v in TEXT.items() if k != "max_sequence_length"},
+        **TEXT_ANY_LENGTH,
         "num_mels": 8,
         "max_encoder_sequence_length": 16,
         "max_decoder_sequence_length": 8,
@@ -208,23 +201,8 @@ LENGTHS = {
 # (position embeddings, relative position biases, XLNet's segment
 # encodings): pruning them fails, naming a registration to make.
 UNDESCRIBED = {
-    "DeiTBackbone": dict(
-        image_shape=IMAGE,
-        patch_size=4,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-    ),
-    "DINOV2Backbone": dict(
-        patch_size=4,
-        num_layers=1,
-        hidden_dim=8,
-        num_heads=2,
-        intermediate_dim=16,
-        image_shape=IMAGE,
-        position_embedding_shape=IMAGE,
-    ),
+    "DeiTBackbone": VISION,
+    "DINOV2Backbone": {**VISION, "position_embedding_shape": IMAGE},
     "SwinTransformerBackbone": dict(
         image_shape=IMAGE,
         embed_dim=8,
@@ -234,12 +212,10 @@ UNDESCRIBED = {
         patch_size=2,
     ),
     "T5Backbone": {
-        **{k: v for k, v in TEXT.items() if k != "max_sequence_length"},
+        **TEXT_ANY_LENGTH,
         "key_value_dim": 4,
     },
-    "XLNetBackbone": {
-        k: v for k, v in TEXT.items() if k != "max_sequence_length"
-    },
+    "XLNetBackbone": TEXT_ANY_LENGTH,
 }
 # Weights worth pruning: embeddings, attention projections, FFN kernels
 # (one slice per expert in mixtures of experts). Biases and normalization

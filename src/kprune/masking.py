@@ -393,15 +393,25 @@ def magnitude_mask(weights, sparsity):
     """
     flat = ops.reshape(ops.cast(weights, "float32"), (-1,))
     k = kept_count(flat.shape[0], sparsity)
-    if flat.shape[0] <= _CHUNK:
+    if flat.shape[0] <= _CHUNK and _tracing_tensorflow():
         keep, threshold = _any_length(flat, k)
     else:
-        keep, threshold = _top_k(flat, ops.abs, _compare_magnitudes, k)
+        keep, threshold = _magnitude_top_k(None, flat, k)
     return ops.reshape(keep, weights.shape), threshold
 
 
 def _magnitude_top_k(size, flat, k):
     return _top_k(flat, ops.abs, _compare_magnitudes, k, size=size)
+
+
+def _tracing_tensorflow():
+    """Whether this call is being traced into a TensorFlow graph (a
+    compiled training step)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.inside_function()
 
 
 # On TensorFlow, the magnitude masks of tensors of up to `_CHUNK` entries,
@@ -410,23 +420,18 @@ _ANY_LENGTH = {}
 
 
 def _any_length(flat, k):
-    """`_top_k` of the magnitudes of 1-D `flat` (at most `_CHUNK` entries).
+    """`_top_k` of the magnitudes of 1-D `flat` (at most `_CHUNK` entries)
+    while TensorFlow traces a graph.
 
-    Inside a TensorFlow graph, one traced function serves every length
-    of the same digit widths: each operation of a training step's graph
-    holds memory for as long as the step function lives, and a model's
-    weights come in many shapes (benchmarks/README.md). Elsewhere, and
-    eagerly, it is `_top_k` itself.
+    One traced function serves every length of the same digit widths:
+    each operation of a training step's graph holds memory for as long as
+    the step function lives, and a model's weights come in many shapes
+    (benchmarks/README.md).
     """
-    size = flat.shape[0]
-    if keras.backend.backend() != "tensorflow":
-        return _magnitude_top_k(size, flat, k)
     import tensorflow as tf
 
-    if not tf.inside_function():
-        return _magnitude_top_k(size, flat, k)
     # The smallest length of each digit width.
-    size = _WIDE_DIGITS_FROM if size >= _WIDE_DIGITS_FROM else 1
+    size = _WIDE_DIGITS_FROM if flat.shape[0] >= _WIDE_DIGITS_FROM else 1
     if size not in _ANY_LENGTH:
         _ANY_LENGTH[size] = tf.function(
             functools.partial(_magnitude_top_k, size),
@@ -546,7 +551,7 @@ def _one_graph_per_shape(fn):
 
     @functools.wraps(fn)
     def call(weights, sparsity, *args, **kwargs):
-        if not tf.inside_function():
+        if not _tracing_tensorflow():
             return fn(weights, sparsity, *args, **kwargs)
         # A tensor, so that each sparsity does not trace again.
         sparsity = ops.cast(sparsity, "float32")
