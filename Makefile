@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Tests run in parallel, one worker per core (pytest-xdist), at most 4: each
+# worker is a process of its own with TensorFlow loaded. PYTEST_JOBS= runs
+# them in this process, one after another.
+PYTEST_JOBS ?= -n auto --maxprocesses 4
 
 .PHONY: demo test test-all lint format clean bench bench-full bench-latency \
 	bench-equal-size docs
@@ -31,13 +35,13 @@ demo: $(ON_BACKEND)
 # KERAS_BACKEND (tensorflow when unset). PYTEST_ARGS="-m slow" runs the slow
 # tests only, PYTEST_ARGS="-m ''" all of them.
 test: $(ON_BACKEND)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_JOBS) -m "not slow" $(PYTEST_ARGS)
 
 # Every test, slow ones included, on each backend (what CI runs).
 test-all: $(VENV)/.backends
-	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
-	KERAS_BACKEND=jax $(PY) -m pytest $(PYTEST_ARGS)
-	KERAS_BACKEND=torch $(PY) -m pytest $(PYTEST_ARGS)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_JOBS) $(PYTEST_ARGS)
+	KERAS_BACKEND=jax $(PY) -m pytest $(PYTEST_JOBS) $(PYTEST_ARGS)
+	KERAS_BACKEND=torch $(PY) -m pytest $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 # Speed and memory vs tfmot 0.8.1 and plain Keras (about 20 minutes; the
 # full run about an hour). Tables: benchmarks/README.md.

@@ -100,9 +100,9 @@ def _causal_inputs(length, vocabulary):
     return make
 
 
-def build(name, quick):
+def build(name, quick, image_size=None, sequence_length=None):
     """Returns (model, inputs(batch, rng)) for a model name."""
-    side = 32 if quick else 96
+    side = image_size or (32 if quick else 96)
     if name == "resnet50":
         model = keras.applications.ResNet50(
             weights=None, input_shape=(side, side, 3)
@@ -116,7 +116,7 @@ def build(name, quick):
     if name in ("bert", "gpt2"):
         import keras_hub
 
-        length = 32 if quick else 128
+        length = sequence_length or (32 if quick else 128)
         backbone, inputs = {
             "bert": (keras_hub.models.BertBackbone, _text_inputs),
             "gpt2": (keras_hub.models.GPT2Backbone, _causal_inputs),
@@ -274,7 +274,9 @@ def measure(name, args, run_id, machine):
     rng = np.random.default_rng(args.seed)
     keras.utils.set_random_seed(args.seed)
     start = time.perf_counter()
-    model, inputs = build(name, args.quick)
+    model, inputs = build(
+        name, args.quick, args.image_size, args.sequence_length
+    )
     pruned, shrunk = prune_and_shrink(model, inputs, args.target, rng)
     dense = kprune.strip_pruning(pruned)
     folded = {}
@@ -295,6 +297,8 @@ def measure(name, args, run_id, machine):
         "model": name,
         "target": args.target,
         "quick": args.quick,
+        "image_size": args.image_size,
+        "sequence_length": args.sequence_length,
         "threshold": THRESHOLDS.get(name),
         "parameters_dense": dense.count_params(),
         "parameters_shrunk": shrunk.count_params(),
@@ -520,6 +524,18 @@ def main(argv=None):
         "--jit-compile",
         action="store_true",
         help="compile the Keras models with XLA (`jit_compile=True`)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the applications models' images (default 96)",
+    )
+    parser.add_argument(
+        "--sequence-length",
+        type=int,
+        default=None,
+        help="tokens per sequence of the text models (default 128)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")

@@ -256,3 +256,36 @@ def test_prune_low_magnitude_keeps_the_tfmot_signature():
         "layers",
         "kwargs",
     ]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: kprune.strip_pruning(m),
+        lambda m: kprune.structured.shrink_model(m),
+        lambda m: kprune.structured.fold_batchnorm(m),
+        lambda m: kprune.oneshot.oneshot(m, None),
+        lambda m: kprune.oneshot.quantize_gptq(m, None),
+        lambda m: kprune.export.semi_structured_weights(m),
+        lambda m: kprune.compression.save_compact(m, "unused.h5"),
+    ],
+    ids=[
+        "strip_pruning",
+        "shrink_model",
+        "fold_batchnorm",
+        "oneshot",
+        "quantize_gptq",
+        "semi_structured_weights",
+        "save_compact",
+    ],
+)
+def test_functions_of_a_model_refuse_a_layer_naming_the_argument(
+    call, tmp_path
+):
+    layer = keras.layers.Dense(2)
+    with pytest.raises(
+        ValueError,
+        match=r"must be a Keras model\. Received: model=<Dense",
+    ):
+        call(layer)
+    assert not list(tmp_path.iterdir())

@@ -52,6 +52,7 @@ import numpy as np
 
 from kprune.api_export import kprune_export
 from kprune.wrapper import collect_pruned_layers
+from kprune.wrapper import require_model
 
 FORMAT_NAME = "compact"
 FORMAT_VERSION = 1
@@ -231,10 +232,7 @@ def _check_quantize(quantize):
 
 def _plain_model(model):
     """The model to store: pruned models are stripped first."""
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: model={model!r}"
-        )
+    require_model(model)
     if collect_pruned_layers(model):
         from kprune.prune import strip_pruning
 

@@ -10,6 +10,7 @@ from kprune import registry
 from kprune.api_export import kprune_export
 from kprune.compression import _plain_model
 from kprune.wrapper import collect_pruned_layers
+from kprune.wrapper import require_model
 
 LITERT_QUANTIZE_OPTIONS = (None, "dynamic_range")
 
@@ -809,10 +810,7 @@ def semi_structured_weights(
             f"{sorted(_SEMI_STRUCTURED_ALIGNMENT)} or None. "
             f"Received: dtype={dtype!r}"
         )
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: model={model!r}"
-        )
+    require_model(model)
     wrapped = collect_pruned_layers(model)
     pruned_names = None
     if layers is None and wrapped:

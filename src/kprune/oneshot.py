@@ -42,6 +42,7 @@ from kprune import _keras_internals
 from kprune import masking
 from kprune import registry
 from kprune.api_export import kprune_export
+from kprune.wrapper import require_model
 from kprune.wrapper import validate_pruning_args
 
 
@@ -1112,10 +1113,7 @@ def oneshot(
     )
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: {model!r}"
-        )
+    require_model(model)
     if method not in _METHODS:
         raise ValueError(
             f"Argument `method` must be one of {sorted(_METHODS)}. "
@@ -1618,10 +1616,7 @@ def quantize_gptq(
     )
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: {model!r}"
-        )
+    require_model(model)
     if config is None:
         config = keras.quantizers.GPTQConfig(dataset=None, tokenizer=None)
     if not isinstance(config, keras.quantizers.GPTQConfig):

@@ -17,6 +17,7 @@ from kprune.wrapper import DEFAULT_SCHEDULE
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import _PruningConstraint
 from kprune.wrapper import collect_pruned_layers
+from kprune.wrapper import require_model
 from kprune.wrapper import validate_pruning_args
 from kprune.wrapper import validate_schedule
 
@@ -891,10 +892,7 @@ def strip_pruning(model):
     final.save("pruned.keras")
     ```
     """
-    if not _is_model(model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: {model!r}"
-        )
+    require_model(model)
     if _is_subclassed(model):
         return _strip_subclassed(model)
     pairs = []

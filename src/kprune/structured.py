@@ -66,6 +66,7 @@ from kprune.schedules import PruningSchedule
 from kprune.schedules import _AcrossLayersSchedule
 from kprune.wrapper import PruneLowMagnitude
 from kprune.wrapper import collect_pruned_layers
+from kprune.wrapper import require_model
 
 # Layers without weights that act on each channel separately.
 _PER_CHANNEL = (
@@ -1233,10 +1234,7 @@ def shrink_model(model):
     """
     from kprune.prune import strip_pruning
 
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: {model!r}"
-        )
+    require_model(model)
     names = _structured_names(model)
     if not names:
         raise ValueError(
@@ -1443,10 +1441,7 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     fast.save("fast.keras")
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Argument `model` must be a Keras model. Received: {model!r}"
-        )
+    require_model(model)
     wrappers = collect_pruned_layers(model)
     if wrappers:
         raise ValueError(

@@ -400,6 +400,15 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         return super().from_config(config, custom_objects=custom_objects)
 
 
+def require_model(model):
+    """Raises the error every public function that takes a model gives for
+    anything else (a layer, a list of layers, a path)."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a Keras model. Received: model={model!r}"
+        )
+
+
 def collect_pruned_layers(model) -> list:
     """All `PruneLowMagnitude` layers in `model`, nested ones included."""
     if isinstance(model, PruneLowMagnitude):
