@@ -126,8 +126,8 @@ _PRUNABLE_BY_NAME = {
     ),
     # The segment encoding (one row per same/other segment, like BERT's
     # segment embedding); the attention kernels, relative position
-    # projection included, and the FFN kernels. Not the per-head content,
-    # positional and segment attention biases: biases.
+    # projection included, and the FFN kernels. Not its content, positional
+    # and segment attention biases (a bias vector per head).
     _KERAS_HUB + "models.xlnet.xlnet_encoder.XLNetEncoder": (
         "segment_encoding",
         "relative_attention._query_dense.kernel",
@@ -138,8 +138,9 @@ _PRUNABLE_BY_NAME = {
         "feedforward_intermediate_dense.kernel",
         "feedforward_output_dense.kernel",
     ),
-    # Rotary frequencies, held as a weight made in `__init__` by a layer
-    # that is never built, so kprune cannot tell it has nothing else.
+    # Nothing: its rotary frequencies, a vector, are made in `__init__` and
+    # the layer is never built, so kprune could not tell that its `build`
+    # adds nothing.
     _KERAS_HUB + "models.smollm3.smollm3_layers.SmolLM3RotaryEmbedding": (),
     # Mixture-of-experts FFN kernels, one slice per expert, held as plain
     # weights (their biases are not pruned).
@@ -451,8 +452,8 @@ def unsupported_layer_error(layer) -> ValueError:
         )
         weights = f"has weights of its own ({listed}), but"
         if not culprit.built:
-            # keras-hub's SmolLM3 rotary embedding makes its buffer in
-            # `__init__` and is never built.
+            # A layer may make weights in `__init__` and never be built, as
+            # keras-hub's SmolLM3 rotary embedding does (the table lists it).
             weights = (
                 f"has weights of its own ({listed}) and is not built "
                 "(its own `build` may make more), so"
