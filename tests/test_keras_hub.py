@@ -4,8 +4,8 @@ kprune knows keras-hub's own layers by their qualified class names, without
 importing keras-hub: position embeddings are pruned, normalization scales
 are kept dense. Tiny models are built from configs (no downloads). The
 backbones of the sweep in docs/layers.md ("keras-hub models") are here too:
-each trains to its target, strips and saves, or fails naming the
-registration that makes it work.
+each trains to its target, strips and saves. A layer nobody describes fails
+naming the registration that makes it work.
 """
 
 import ast
@@ -187,20 +187,8 @@ SWEEP = {
         "max_encoder_sequence_length": 16,
         "max_decoder_sequence_length": 8,
     },
-}
-# Input lengths the config fixes (Whisper's encoder reads all its frames).
-LENGTHS = {
-    "WhisperBackbone": {"encoder_features": 16},
-    # Raw audio, down-sampled 384 times by Moonshine's convolutions.
-    "MoonshineBackbone": {
-        "encoder_input_values": 2048,
-        "encoder_padding_mask": 2048,
-    },
-}
-# Their own weights include matrices that may or may not be worth pruning
-# (position embeddings, relative position biases, XLNet's segment
-# encodings): pruning them fails, naming a registration to make.
-UNDESCRIBED = {
+    # Layers holding position or relative position tables, or XLNet's
+    # segment encoding, beside their sublayers.
     "DeiTBackbone": VISION,
     "DINOV2Backbone": {**VISION, "position_embedding_shape": IMAGE},
     "SwinTransformerBackbone": dict(
@@ -216,6 +204,33 @@ UNDESCRIBED = {
         "key_value_dim": 4,
     },
     "XLNetBackbone": TEXT_ANY_LENGTH,
+    # Its rotary embedding holds its frequencies but is never built.
+    "SmolLMBackbone": dict(
+        vocabulary_size=20,
+        hidden_dim=8,
+        intermediate_dim=16,
+        num_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_bias=False,
+        attention_dropout=0.0,
+        rope_layer_enabled_list=[True],
+        layer_types=["attention"],
+        mlp_bias=False,
+        layer_norm_epsilon=1e-5,
+        max_position_embeddings=8,
+        rope_theta=10000.0,
+        partial_rotary_factor=1.0,
+    ),
+}
+# Input lengths the config fixes (Whisper's encoder reads all its frames).
+LENGTHS = {
+    "WhisperBackbone": {"encoder_features": 16},
+    # Raw audio, down-sampled 384 times by Moonshine's convolutions.
+    "MoonshineBackbone": {
+        "encoder_input_values": 2048,
+        "encoder_padding_mask": 2048,
+    },
 }
 # Weights worth pruning: embeddings, attention projections, FFN kernels
 # (one slice per expert in mixtures of experts). Biases and normalization
@@ -227,6 +242,10 @@ PRUNED_NAMES = (
     "embeddings",
     "reverse_embeddings",
     "rel_embedding",  # DeBERTa's relative position embeddings
+    "position_embedding",  # DeiT's position table
+    "interpolated_position_embeddings",  # DINOv2's
+    "relative_position_bias_table",  # Swin's; T5's is named embeddings
+    "segment_encoding",  # XLNet's
     "expert_feedforward_gate_dense",
     "expert_feedforward_intermediate_dense",
     "expert_feedforward_output_dense",
@@ -250,7 +269,7 @@ def _no_registration(monkeypatch):
 
 
 def _build(name):
-    config = {**BACKBONES, **SWEEP, **UNDESCRIBED}[name]
+    config = {**BACKBONES, **SWEEP}[name]
     return getattr(keras_hub.models, name)(**config)
 
 
@@ -304,6 +323,28 @@ def _pooled_head(model):
     return keras.Model(inputs, keras.layers.Dense(1)(pooled[0]))
 
 
+def _write_back_position_tables(model):
+    """Does what keras-hub 0.32's DINOv2 fails to do half the time.
+
+    `DINOV2Embedding` saves its trained position table (by interpolating it
+    back into its frozen source table) only when the signed sum of its
+    changes is positive, so a trained model, pruned or not, loads about half
+    the time with its initial table. A user must write it back before
+    saving, as here, with keras-hub's own interpolation.
+    """
+    for layer in _layers(model):
+        if type(layer).__name__ == "DINOV2Embedding":
+            layer.position_embeddings.assign(
+                layer._interpolate_position_embeddings(
+                    layer.interpolated_position_embeddings,
+                    patch_size=layer.patch_size,
+                    source_shape=layer.image_shape,
+                    target_shape=layer.position_embedding_shape,
+                    antialias=layer.antialias_in_interpolation,
+                )
+            )
+
+
 def _outputs(model, x):
     return [
         keras.ops.convert_to_numpy(t)
@@ -321,7 +362,8 @@ def _worth_pruning(model):
 def test_backbone_layers_are_known_without_registration(name):
     backbone = _build(name)
     assert registry.status(backbone) == registry.PRUNABLE
-    pruned = sorted({w.path for w in registry.get_prunable_weights(backbone)})
+    # A list, not a set: T5's two relative position tables share a path.
+    pruned = sorted(w.path for w in registry.get_prunable_weights(backbone))
     assert pruned == _worth_pruning(backbone)
 
 
@@ -485,6 +527,7 @@ def test_backbone_trains_to_target_strips_and_saves(name, tmp_path):
     assert not collect_pruned_layers(stripped)
     for a, b in zip(_outputs(stripped, x), expected, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    _write_back_position_tables(stripped)
     stripped.save(tmp_path / "stripped.keras")
     loaded = keras.saving.load_model(tmp_path / "stripped.keras")
     for a, b in zip(_outputs(loaded, x), expected, strict=True):
@@ -508,8 +551,24 @@ def test_structured_plan_explains_every_backbone_layer_it_keeps(name):
         assert reason is None or (isinstance(reason, str) and reason)
 
 
-@pytest.mark.parametrize("name", sorted(UNDESCRIBED))
-def test_undescribed_weights_fail_naming_a_registration_that_works(name):
+# Layers of the keras-hub table, forgotten by a test to see what a user meets
+# with a layer nobody describes: weights of its own that are matrices, and
+# sublayers.
+FORGOTTEN = {
+    "DeiTBackbone": "models.deit.deit_layers.DeiTEmbeddings",
+    "SwinTransformerBackbone": (
+        "models.swin_transformer.swin_transformer_layers.WindowAttention"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGOTTEN))
+def test_undescribed_weights_fail_naming_a_registration_that_works(
+    name, monkeypatch
+):
+    monkeypatch.delitem(
+        registry._PRUNABLE_BY_NAME, registry._KERAS_HUB + FORGOTTEN[name]
+    )
     backbone = _build(name)
     before = [keras.ops.convert_to_numpy(w) for w in backbone.weights]
     with pytest.raises(ValueError) as error:
@@ -517,40 +576,24 @@ def test_undescribed_weights_fail_naming_a_registration_that_works(name):
     for a, w in zip(before, backbone.weights, strict=True):
         np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(w))
         assert w.constraint is None
-    # The user copies the registrations the messages suggest, one class
-    # at a time.
+    # The user copies the registration the message suggests.
     classes = {type(layer).__name__: type(layer) for layer in _layers(backbone)}
-    message, dotted = str(error.value), []
-    for _ in range(5):
-        found = re.search(
-            r"register_prunable_layer\((\w+), (\[[^]]*\])\)", message
-        )
-        names = ast.literal_eval(found[2])
-        dotted += [n for n in names if "." in n]
-        kprune.register_prunable_layer(classes[found[1]], names)
-        try:
-            pruned = kprune.prune_low_magnitude(backbone)
-            break
-        except ValueError as next_error:
-            message = str(next_error)
-            missing = re.search(r"has no weight '(\w+)'", message)
-            if missing:
-                # T5: only the first attention layer of a stack owns the
-                # relative position bias; the others say so, and the user
-                # drops that name.
-                names.remove(missing[1])
-                kprune.register_prunable_layer(classes[found[1]], names)
-                pruned = kprune.prune_low_magnitude(backbone)
-                break
-    pruned_paths = {
+    found = re.search(
+        r"register_prunable_layer\((\w+), (\[[^]]*\])\)", str(error.value)
+    )
+    assert FORGOTTEN[name].endswith("." + found[1])
+    names = ast.literal_eval(found[2])
+    kprune.register_prunable_layer(classes[found[1]], names)
+    pruned = kprune.prune_low_magnitude(backbone)
+    # It keeps the sublayers' kernels pruned, by their dotted names, and
+    # prunes what the table would.
+    assert any("." in n and n.endswith("kernel") for n in names)
+    pruned_paths = sorted(
         w.path
         for wrapper in collect_pruned_layers(pruned)
         for w, _, _ in wrapper.pruning_vars
-    }
-    # The suggested registrations keep the sublayers' kernels pruned.
-    assert dotted
-    kernels = {p for p in _worth_pruning(backbone) if p.endswith("kernel")}
-    assert kernels <= pruned_paths
+    )
+    assert pruned_paths == _worth_pruning(backbone)
 
 
 def _layers(model):

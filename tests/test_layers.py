@@ -529,3 +529,40 @@ def test_unknown_weight_next_to_sublayers_names_their_weights_too():
         wrapper.layer.table,
         wrapper.layer.projection.kernel,
     ]
+
+
+def test_unbuilt_layer_holding_a_weight_fails_naming_a_registration():
+    # As keras-hub's SmolLM3 rotary embedding: a weight made in `__init__`,
+    # and never built, so its own `build` may make more.
+    class Rotary(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.inv_freq = self.add_weight(shape=(2,), trainable=False)
+
+        def call(self, x):
+            return x
+
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(4)
+            self.rotary = Rotary(name="rotary")
+
+        def build(self, shape):
+            self.dense.build(shape)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = keras.Sequential([keras.Input((3,)), Block(name="block")])
+    with pytest.raises(ValueError) as error:
+        kprune.prune_low_magnitude(model)
+    message = str(error.value)
+    assert "`inv_freq` (2,)) and is not built" in message
+    assert "register_prunable_layer(Rotary, [])" in message
+    kprune.register_prunable_layer(Rotary, [])
+    pruned = kprune.prune_low_magnitude(model)
+    (wrapper,) = collect_pruned_layers(pruned)
+    assert [w for w, _, _ in wrapper.pruning_vars] == [
+        wrapper.layer.dense.kernel
+    ]

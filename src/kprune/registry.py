@@ -80,6 +80,68 @@ _PRUNABLE_BY_NAME = {
     _KERAS_HUB + "models.deberta_v3.relative_embedding.RelativeEmbedding": (
         "rel_embeddings",
     ),
+    # The layers below hold matrices of their own beside sublayers: naming
+    # them makes their names the whole of what is pruned, so the kernels of
+    # their sublayers are named too. Learned tokens stay dense, as vectors
+    # do.
+    # The position table; the patch convolution's kernel. Not the class and
+    # distillation tokens.
+    _KERAS_HUB + "models.deit.deit_layers.DeiTEmbeddings": (
+        "position_embedding",
+        "patch_embedding.kernel",
+    ),
+    # The position table the forward pass adds; the patch convolution's
+    # kernel. Not `position_embeddings`, the frozen table it is interpolated
+    # from, which keras-hub rewrites from it when saving; not the class,
+    # mask and register tokens.
+    _KERAS_HUB + "models.dinov2.dinov2_layers.DINOV2Embedding": (
+        "interpolated_position_embeddings",
+        "patch_embeddings.projection.kernel",
+    ),
+    # The relative position table, as DeBERTa's; the query-key-value and
+    # output kernels. Not their biases.
+    _KERAS_HUB + "models.swin_transformer.swin_transformer_layers."
+    "WindowAttention": (
+        "relative_position_bias_table",
+        "qkv.kernel",
+        "proj.kernel",
+    ),
+    # The projections' kernels; the relative position table, as DeBERTa's,
+    # which only the first attention layer of each stack holds (the others
+    # are passed the bias it computes).
+    _KERAS_HUB + "models.t5.t5_multi_head_attention.T5MultiHeadAttention": (
+        lambda layer: (
+            (
+                ("relative_attention_bias",)
+                if layer.use_relative_attention_bias
+                else ()
+            )
+            + (
+                "query_projector.kernel",
+                "key_projector.kernel",
+                "value_projector.kernel",
+                "output_projector.kernel",
+            )
+        )
+    ),
+    # The segment encoding (one row per same/other segment, like BERT's
+    # segment embedding); the attention kernels, relative position
+    # projection included, and the FFN kernels. Not its content, positional
+    # and segment attention biases (a bias vector per head).
+    _KERAS_HUB + "models.xlnet.xlnet_encoder.XLNetEncoder": (
+        "segment_encoding",
+        "relative_attention._query_dense.kernel",
+        "relative_attention._key_dense.kernel",
+        "relative_attention._value_dense.kernel",
+        "relative_attention._output_dense.kernel",
+        "relative_attention._encoding_dense.kernel",
+        "feedforward_intermediate_dense.kernel",
+        "feedforward_output_dense.kernel",
+    ),
+    # Nothing: its rotary frequencies, a vector, are made in `__init__` and
+    # the layer is never built, so kprune could not tell that its `build`
+    # adds nothing.
+    _KERAS_HUB + "models.smollm3.smollm3_layers.SmolLM3RotaryEmbedding": (),
     # Mixture-of-experts FFN kernels, one slice per expert, held as plain
     # weights (their biases are not pruned).
     **{
@@ -390,8 +452,8 @@ def unsupported_layer_error(layer) -> ValueError:
         )
         weights = f"has weights of its own ({listed}), but"
         if not culprit.built:
-            # keras-hub's SmolLM3 rotary embedding makes its buffer in
-            # `__init__` and is never built.
+            # A layer may make weights in `__init__` and never be built, as
+            # keras-hub's SmolLM3 rotary embedding does (the table lists it).
             weights = (
                 f"has weights of its own ({listed}) and is not built "
                 "(its own `build` may make more), so"
