@@ -261,13 +261,13 @@ def test_prune_low_magnitude_keeps_the_tfmot_signature():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda m: kprune.strip_pruning(m),
-        lambda m: kprune.structured.shrink_model(m),
-        lambda m: kprune.structured.fold_batchnorm(m),
-        lambda m: kprune.oneshot.oneshot(m, None),
-        lambda m: kprune.oneshot.quantize_gptq(m, None),
-        lambda m: kprune.export.semi_structured_weights(m),
-        lambda m: kprune.compression.save_compact(m, "unused.h5"),
+        lambda m, path: kprune.strip_pruning(m),
+        lambda m, path: kprune.structured.shrink_model(m),
+        lambda m, path: kprune.structured.fold_batchnorm(m),
+        lambda m, path: kprune.oneshot.oneshot(m, None),
+        lambda m, path: kprune.oneshot.quantize_gptq(m, None),
+        lambda m, path: kprune.export.semi_structured_weights(m),
+        lambda m, path: kprune.compression.save_compact(m, path / "m.h5"),
     ],
     ids=[
         "strip_pruning",
@@ -287,5 +287,6 @@ def test_functions_of_a_model_refuse_a_layer_naming_the_argument(
         ValueError,
         match=r"must be a Keras model\. Received: model=<Dense",
     ):
-        call(layer)
+        call(layer, tmp_path)
+    # Nothing written: the check comes before any work.
     assert not list(tmp_path.iterdir())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import kprune
+from kprune import _keras_internals
 from kprune import registry
 from kprune.wrapper import collect_pruned_layers
 from testing import reference_kept
@@ -597,4 +598,4 @@ def test_undescribed_weights_fail_naming_a_registration_that_works(
 
 
 def _layers(model):
-    return model._flatten_layers(include_self=False)
+    return _keras_internals.flatten_layers(model)
