@@ -107,9 +107,27 @@ def _causal_inputs(length, vocabulary):
     return make
 
 
+# The keras-hub text models' sizes, but for their sequence length.
+TEXT_SIZES = dict(
+    vocabulary_size=1000,
+    num_layers=4,
+    num_heads=4,
+    hidden_dim=256,
+    intermediate_dim=1024,
+)
+
+
+def _image_side(quick, image_size):
+    return image_size or (32 if quick else 96)
+
+
+def _sequence_length(quick, sequence_length):
+    return sequence_length or (32 if quick else 128)
+
+
 def build(name, quick, image_size=None, sequence_length=None):
     """Returns (model, inputs(batch, rng)) for a model name."""
-    side = image_size or (32 if quick else 96)
+    side = _image_side(quick, image_size)
     if name == "resnet50":
         model = keras.applications.ResNet50(
             weights=None, input_shape=(side, side, 3)
@@ -123,20 +141,13 @@ def build(name, quick, image_size=None, sequence_length=None):
     if name in ("bert", "gpt2"):
         import keras_hub
 
-        length = sequence_length or (32 if quick else 128)
+        length = _sequence_length(quick, sequence_length)
         backbone, inputs = {
             "bert": (keras_hub.models.BertBackbone, _text_inputs),
             "gpt2": (keras_hub.models.GPT2Backbone, _causal_inputs),
         }[name]
-        model = backbone(
-            vocabulary_size=1000,
-            num_layers=4,
-            num_heads=4,
-            hidden_dim=256,
-            intermediate_dim=1024,
-            max_sequence_length=length,
-        )
-        return model, inputs(length, 1000)
+        model = backbone(**TEXT_SIZES, max_sequence_length=length)
+        return model, inputs(length, TEXT_SIZES["vocabulary_size"])
     if name == "tiny":
         layers = keras.layers
         inputs = keras.Input((16, 16, 3))
@@ -167,21 +178,22 @@ def build_narrow(name, quick, image_size=None, sequence_length=None):
     units (its heads keep `hidden_dim / num_heads` = 128 dimensions, twice
     the shrunk model's). ResNet50 has no width option.
     """
-    side = image_size or (32 if quick else 96)
     if name == "mobilenetv2":
+        side = _image_side(quick, image_size)
         return keras.applications.MobileNetV2(
             weights=None, input_shape=(side, side, 3), alpha=0.5
         )
     if name == "bert":
         import keras_hub
 
+        sizes = dict(
+            TEXT_SIZES,
+            num_heads=TEXT_SIZES["num_heads"] // 2,
+            intermediate_dim=TEXT_SIZES["intermediate_dim"] // 2,
+        )
         return keras_hub.models.BertBackbone(
-            vocabulary_size=1000,
-            num_layers=4,
-            num_heads=2,
-            hidden_dim=256,
-            intermediate_dim=512,
-            max_sequence_length=sequence_length or (32 if quick else 128),
+            **sizes,
+            max_sequence_length=_sequence_length(quick, sequence_length),
         )
     return None
 
