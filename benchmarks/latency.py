@@ -333,6 +333,8 @@ def measure(name, args, run_id, machine):
         narrow = build_narrow(
             name, args.quick, args.image_size, args.sequence_length
         )
+        # As built, like the dense and shrunk counts (before any folding).
+        narrow_parameters = narrow and narrow.count_params()
     folded = {}
     if args.fold:
         folded = {
@@ -370,7 +372,7 @@ def measure(name, args, run_id, machine):
         "prune_and_shrink_seconds": round(prune_seconds, 1),
     }
     if narrow is not None:
-        common["parameters_narrow"] = narrow.count_params()
+        common["parameters_narrow"] = narrow_parameters
     if folded:
         common["batch_norms_folded"] = count
         common["max_gap_folded_vs_shrunk"] = outputs_gap(
